@@ -1,0 +1,280 @@
+"""The manifest: every fact the runtime needs about a model folder, without torch.
+
+`sdonnx export` writes `manifest.json` beside the optimum-layout folders. The runtime reads
+latent channels, the VAE scaling factor, the prediction type, the training noise schedule and
+each graph's IO from here, never from version strings. Parsing validates every field and raises
+`ModelError` naming the field, what it holds and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from sdonnx.errors import ModelError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+DTYPES = ("float32", "float16", "int64", "int32")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: numpy dtype name and shape (int = fixed dim, str = symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the folder, with the parity measured against PyTorch at export."""
+
+    path: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str = "fp32"
+    check: Mapping[str, float] | None = None
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class TrainingSchedule:
+    """The discrete noise schedule the U-Net was trained with (diffusers' scheduler config)."""
+
+    num_train_timesteps: int
+    alphas_cumprod: tuple[float, ...]
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    beta_schedule: str = "scaled_linear"
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> TrainingSchedule:
+        """Rebuild alphas_cumprod in NumPy exactly as diffusers' schedulers do (float32 betas)."""
+        n = int(config.get("num_train_timesteps", 1000))
+        kind = config.get("beta_schedule", "linear")
+        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+        if config.get("trained_betas") is not None:
+            betas = np.asarray(config["trained_betas"], dtype=np.float32)
+        elif kind == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float32)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+        elif kind == "squaredcos_cap_v2":
+            def alpha_bar(t: float) -> float:
+                return float(np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2)
+            betas = np.array(
+                [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+                dtype=np.float32,
+            )
+        else:
+            raise ModelError(
+                f"scheduler_config.beta_schedule: got {kind!r}, expected one of "
+                "'linear', 'scaled_linear', 'squaredcos_cap_v2' or trained_betas"
+            )
+        alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+        if config.get("rescale_betas_zero_snr", False):
+            alphas_cumprod = _rescale_zero_terminal_snr(alphas_cumprod)
+        return cls(
+            num_train_timesteps=n,
+            alphas_cumprod=tuple(float(a) for a in alphas_cumprod),
+            timestep_spacing=str(config.get("timestep_spacing", "leading")),
+            steps_offset=int(config.get("steps_offset", 0)),
+            beta_schedule=str(kind),
+        )
+
+    def alphas_cumprod_array(self) -> np.ndarray:
+        return np.asarray(self.alphas_cumprod, dtype=np.float64)
+
+
+def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, as diffusers' rescale_zero_terminal_snr, expressed on alphas_cumprod."""
+    sqrt_ac = np.sqrt(alphas_cumprod.astype(np.float32))
+    first, last = sqrt_ac[0], sqrt_ac[-1]
+    sqrt_ac = (sqrt_ac - last) * first / (first - last)
+    return (sqrt_ac**2).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What `sdonnx export` knows about a folder; written as manifest.json."""
+
+    family: str
+    prediction_type: str
+    latent_channels: int
+    vae_scaling_factor: float
+    vae_shift_factor: float
+    vae_downsample: int
+    unet_in_channels: int
+    cross_attention_dim: int
+    sample_size: int
+    tokenizer_max_length: int
+    schedule: TrainingSchedule
+    graphs: Mapping[str, GraphSpec]
+    versions: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def default_image_size(self) -> int:
+        return self.sample_size * self.vae_downsample
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = Path(folder) / MANIFEST_NAME
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError(f"{path}: no manifest (expected a folder written by `sdonnx export`)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{path}: unreadable manifest: {e}") from None
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:
+        r = _Reader(raw, where)
+        version = r.get("format_version", int)
+        if version > FORMAT_VERSION:
+            raise ModelError(
+                f"{where}: format_version: got {version}, expected <= {FORMAT_VERSION} "
+                "(written by a newer sdonnx; upgrade sdonnx)"
+            )
+        s = r.sub("schedule")
+        schedule = TrainingSchedule(
+            num_train_timesteps=s.get("num_train_timesteps", int),
+            alphas_cumprod=tuple(s.get("alphas_cumprod", list, item=float)),
+            timestep_spacing=s.get("timestep_spacing", str, choices=TIMESTEP_SPACINGS),
+            steps_offset=s.get("steps_offset", int),
+            beta_schedule=s.get("beta_schedule", str),
+        )
+        if len(schedule.alphas_cumprod) != schedule.num_train_timesteps:
+            raise ModelError(
+                f"{where}: schedule.alphas_cumprod: got {len(schedule.alphas_cumprod)} values, "
+                f"expected num_train_timesteps={schedule.num_train_timesteps}"
+            )
+        graphs_reader = r.sub("graphs")
+        graphs = {name: _graph(graphs_reader.sub(name)) for name in graphs_reader.keys()}
+        unknown = set(graphs) - set(COMPONENTS)
+        if unknown:
+            raise ModelError(f"{where}: graphs: unknown component(s) {sorted(unknown)}, expected {COMPONENTS}")
+        return cls(
+            family=r.get("family", str),
+            prediction_type=r.get("prediction_type", str, choices=PREDICTION_TYPES),
+            latent_channels=r.get("latent_channels", int, positive=True),
+            vae_scaling_factor=r.get("vae_scaling_factor", float, positive=True),
+            vae_shift_factor=r.get("vae_shift_factor", float),
+            vae_downsample=r.get("vae_downsample", int, positive=True),
+            unet_in_channels=r.get("unet_in_channels", int, positive=True),
+            cross_attention_dim=r.get("cross_attention_dim", int, positive=True),
+            sample_size=r.get("sample_size", int, positive=True),
+            tokenizer_max_length=r.get("tokenizer_max_length", int, positive=True),
+            schedule=schedule,
+            graphs=graphs,
+            versions=r.get("versions", dict),
+            files=r.get("files", dict),
+            source=r.get("source", str),
+            format_version=version,
+        )
+
+    def verify_files(self, folder: Path) -> None:
+        """Raise ModelError for any file whose sha256 differs from the manifest's (slow: reads all)."""
+        for rel, expected in self.files.items():
+            path = Path(folder) / rel
+            if not path.is_file():
+                raise ModelError(f"{path}: listed in the manifest but missing")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ModelError(f"{path}: sha256 {actual} differs from the manifest's {expected} (file changed or corrupt)")
+
+
+def _graph(r: _Reader) -> GraphSpec:
+    def tensors(key: str) -> tuple[TensorSpec, ...]:
+        out = []
+        for i, item in enumerate(r.get(key, list)):
+            t = _Reader(item, f"{r.where}.{key}[{i}]")
+            shape = t.get("shape", list)
+            if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
+                raise ModelError(f"{t.where}.shape: got {shape!r}, expected ints and dim names")
+            out.append(TensorSpec(t.get("name", str), t.get("dtype", str, choices=DTYPES), tuple(shape)))
+        return tuple(out)
+
+    return GraphSpec(
+        path=r.get("path", str),
+        inputs=tensors("inputs"),
+        outputs=tensors("outputs"),
+        precision=r.get("precision", str),
+        check=r.get("check", dict, optional=True),
+    )
+
+
+class _Reader:
+    """Typed access to one JSON object, with errors that name the full field path."""
+
+    def __init__(self, raw: Any, where: str):
+        if not isinstance(raw, dict):
+            raise ModelError(f"{where}: got {type(raw).__name__}, expected a JSON object")
+        self.raw, self.where = raw, where
+
+    def keys(self) -> list[str]:
+        return list(self.raw)
+
+    def sub(self, key: str) -> _Reader:
+        return _Reader(self.get(key, dict), f"{self.where}.{key}")
+
+    def get(self, key: str, kind: type, *, choices=None, positive=False, optional=False, item=None):
+        path = f"{self.where}.{key}"
+        if key not in self.raw or self.raw[key] is None:
+            if optional:
+                return None
+            raise ModelError(f"{path}: missing (expected {kind.__name__})")
+        value = self.raw[key]
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ModelError(f"{path}: got {value!r}, expected {kind.__name__}")
+        if choices is not None and value not in choices:
+            raise ModelError(f"{path}: got {value!r}, expected one of {list(choices)}")
+        if positive and value <= 0:
+            raise ModelError(f"{path}: got {value!r}, expected a positive number")
+        if item is not None:
+            bad = [v for v in value if not isinstance(v, (int, float)) or isinstance(v, bool)]
+            if bad:
+                raise ModelError(f"{path}: got non-numeric item {bad[0]!r}, expected {item.__name__}s")
+            value = [item(v) for v in value]
+        return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""sdonnx: Stable Diffusion on ONNX Runtime, without PyTorch at run time."""
