@@ -1,1 +1,235 @@
-"""Export placeholder."""
+"""`sdonnx export`: a diffusers folder, hub id or single-file checkpoint to a checked ONNX folder.
+
+The folder has optimum's layout (text_encoder/, unet/, vae_encoder/, vae_decoder/ with model.onnx and
+config.json; tokenizer/, scheduler/, model_index.json) plus manifest.json. Every graph is compared
+with its PyTorch module before anything appears at OUT.
+
+Importing this module does not import torch: `sdonnx --help` stays fast, and a missing torch is
+reported with the install command when an export actually starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from sdonnx.errors import InputError, SdonnxError
+from sdonnx.export.check import PSNR_CAP_DB
+
+if TYPE_CHECKING:
+    from sdonnx.export.source import SourceModel
+    from sdonnx.runtime.manifest import Manifest
+
+__all__ = ["ExportConfig", "export_model"]
+
+INSTALL_HINT = 'pip install "sdonnx[export]"'
+# Opset 17 has LayerNormalization as one operator (CLIP's text encoder) and runs on every ONNX Runtime
+# from 1.12, DirectML and mobile builds included; 14 is the floor for the attention export, 20 the
+# TorchScript exporter's ceiling.
+OPSETS = range(14, 21)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and where; the `sdonnx export` flags map one to one onto these fields.
+
+    static_shape (batch, height, width in pixels) pins the image batch B and size in every graph; the
+    U-Net's batch is 2B because classifier-free guidance runs uncond||cond in one call. Sequence
+    lengths stay dynamic (long prompts concatenate 77-token chunks).
+    """
+
+    source: str  # diffusers folder | hub id | single-file .safetensors (pickles only with allow_pickle)
+    out: Path
+    opset: int = 17
+    static_shape: tuple[int, int, int] | None = None
+    allow_pickle: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    min_psnr: float = 60.0  # per graph, dB against PyTorch; check.py explains the choice and its twin floor
+    config: Path | None = None  # single-file only: the diffusers config folder to build the modules from
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", str(self.source))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.config is not None:
+            object.__setattr__(self, "config", Path(self.config))
+        if not isinstance(self.opset, int) or self.opset not in OPSETS:
+            raise InputError("opset", self.opset, f"an integer from {OPSETS.start} to {OPSETS.stop - 1}")
+        if self.static_shape is not None:
+            shape = tuple(self.static_shape)
+            if len(shape) != 3 or any(not isinstance(d, int) or d <= 0 for d in shape):
+                raise InputError("static_shape", self.static_shape, "(batch, height, width): three positive integers")
+            object.__setattr__(self, "static_shape", shape)
+        # PSNR_CAP_DB stands for bit-identical outputs: a higher floor could never pass.
+        if not isinstance(self.min_psnr, (int, float)) or not 0 < self.min_psnr <= PSNR_CAP_DB:
+            raise InputError("min_psnr", self.min_psnr, f"a PSNR in dB above 0 and at most {PSNR_CAP_DB:g}")
+
+
+def export_model(config: ExportConfig) -> Manifest:
+    """Export, check and atomically write config.source to config.out; returns the manifest written.
+
+    Raises InputError for bad arguments or destinations, ExportError when loading, exporting or the
+    parity check fails (OUT is then left as it was), SdonnxError when the export extras are missing.
+    """
+    _require_export_extras()
+    from sdonnx.export import graphs
+    from sdonnx.export.source import load_source
+    from sdonnx.export.writer import staged_folder, write_pipeline_files
+
+    say = _Progress(config.quiet)
+    with staged_folder(config.out, overwrite=config.overwrite) as folder:
+        say.line(f"loading {config.source}")
+        with _libraries_quiet(config.quiet):
+            source = load_source(config.source, allow_pickle=config.allow_pickle, config=config.config)
+        _check_static_shape(config.static_shape, graphs.vae_downsample(source.vae))
+        facts = _model_facts(source)
+        write_pipeline_files(folder, source)
+        checks = _export_and_check(source, folder, config, say)
+        manifest = _manifest(folder, facts, checks, config)
+        manifest.write(folder)
+    say.line(f"wrote {config.out}")
+    return manifest
+
+
+def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, say: _Progress) -> dict[str, dict]:
+    """Export each graph into folder/<name>/model.onnx and check it; the parity numbers by graph.
+
+    PyTorch's reference outputs are computed first and the module released before ONNX Runtime loads
+    the graph, so a full-size U-Net is in memory once, not twice. Modules are released as they are done.
+    """
+    from sdonnx.export import graphs
+    from sdonnx.export.check import check_graph
+
+    trace, probe = graphs.probes(source, config.static_shape)
+    checks = {}
+    for i, name in enumerate(graphs.ORDER):
+        started = time.perf_counter()
+        say.part(f"{name}: exporting…")
+        graph = graphs.build_graph(name, source, trace, probe, static=config.static_shape is not None)
+        reference, feeds = graph.reference(), graph.feeds()
+        path = folder / name / "model.onnx"
+        graphs.export_graph(graph, path, opset=config.opset)
+        del graph
+        graphs.release(source, name, graphs.ORDER[i + 1:])
+        gc.collect()
+        say.part(" checking…")
+        parity = check_graph(name, path, feeds, reference, min_psnr=config.min_psnr)
+        checks[name] = parity.as_dict()
+        seconds = time.perf_counter() - started
+        say.line(f" max|Δ| {parity.max_abs_diff:.1e} PSNR {parity.psnr_db:.0f} dB ({seconds:.1f} s)")
+    return checks
+
+
+def _require_export_extras() -> None:
+    for module in ("torch", "diffusers", "transformers", "onnx"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise SdonnxError(
+                f"sdonnx export needs PyTorch, diffusers, transformers and onnx ({module} is missing: {e}); "
+                f"install them with: {INSTALL_HINT}"
+            ) from None
+
+
+def _check_static_shape(static_shape: tuple[int, int, int] | None, vae_downsample: int) -> None:
+    if static_shape is not None and any(side % vae_downsample for side in static_shape[1:]):
+        raise InputError(
+            "static_shape", static_shape, f"height and width multiples of {vae_downsample} (one latent pixel)"
+        )
+
+
+def _model_facts(source: SourceModel) -> dict:
+    """The manifest fields that come from the PyTorch modules, read before the modules are released."""
+    from sdonnx.export.graphs import text_max_length, vae_downsample
+    from sdonnx.export.source import scheduler_facts
+
+    unet, vae = source.unet.config, source.vae.config
+    schedule, prediction_type = scheduler_facts(source.scheduler_config)
+    cross_attention_dim = int(unet.cross_attention_dim)
+    return dict(
+        family={768: "sd1", 1024: "sd2"}.get(cross_attention_dim, "custom"),  # informational only
+        prediction_type=prediction_type,
+        latent_channels=int(vae.latent_channels),
+        vae_scaling_factor=float(vae.scaling_factor),
+        vae_shift_factor=float(getattr(vae, "shift_factor", None) or 0.0),
+        vae_downsample=vae_downsample(source.vae),
+        unet_in_channels=int(unet.in_channels),
+        cross_attention_dim=cross_attention_dim,
+        sample_size=int(unet.sample_size),
+        tokenizer_max_length=text_max_length(source),
+        schedule=schedule,
+        source=source.description,
+    )
+
+
+def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: ExportConfig) -> Manifest:
+    """The manifest of the finished folder: IO read back from the ONNX files, hashes of every file."""
+    from sdonnx.export.graphs import io_specs
+    from sdonnx.runtime.manifest import COMPONENTS, MANIFEST_NAME, GraphSpec, Manifest, sha256_file
+
+    graphs = {}
+    for name in COMPONENTS:
+        inputs, outputs = io_specs(folder / name / "model.onnx")
+        graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name])
+    files = {
+        path.relative_to(folder).as_posix(): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    return Manifest(graphs=graphs, versions=_versions(config.opset), files=files, **facts)
+
+
+def _versions(opset: int) -> dict[str, str]:
+    versions = {}
+    for package in ("sdonnx", "torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    versions["opset"] = str(opset)
+    return versions
+
+
+@contextmanager
+def _libraries_quiet(quiet: bool) -> Iterator[None]:
+    """With quiet, silence diffusers' and transformers' loading bars and notices; restored afterwards."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+             for lib in (diffusers_logging, transformers_logging)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
+
+
+class _Progress:
+    """Stage lines on stderr ("unet: exporting… checking… max|Δ| 3e-07 PSNR 134 dB"); silent when quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def part(self, text: str) -> None:
+        if not self.quiet:
+            print(text, end="", file=sys.stderr, flush=True)
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,78 @@
+"""`sdonnx export SOURCE OUT`: the argparse front of export_model; each flag is one ExportConfig field."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import fields
+from pathlib import Path
+
+from sdonnx.errors import InputError
+from sdonnx.export import OPSETS, ExportConfig, export_model
+
+_DEFAULTS = {f.name: f.default for f in fields(ExportConfig)}
+_STATIC_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `export` subcommand; its func is run()."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a Stable Diffusion model to a checked ONNX folder",
+        description="Export a diffusers folder, hub id or single-file checkpoint to ONNX (optimum's layout plus "
+        "manifest.json). Every graph is checked against PyTorch; nothing is written at OUT unless all pass.",
+    )
+    parser.add_argument("source", metavar="SOURCE", help="diffusers folder, hub id (org/name) or .safetensors file")
+    parser.add_argument("out", metavar="OUT", type=Path, help="folder to create")
+    parser.add_argument(
+        "--opset", type=int, default=_DEFAULTS["opset"],
+        help=f"ONNX opset, {OPSETS.start}-{OPSETS.stop - 1} (default %(default)s)",
+    )
+    parser.add_argument(
+        "--static-shape", metavar="BxHxW",
+        help="pin the image batch B, height and width in pixels, e.g. 1x512x512; the U-Net gets batch 2B "
+        "(uncond||cond). Prompt lengths stay dynamic (default: all dynamic)",
+    )
+    parser.add_argument(
+        "--allow-pickle", action="store_true",
+        help="load .ckpt/.pt/.pth/.bin weights (pickles can run code: only for files you trust)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument(
+        "--min-psnr", type=float, default=_DEFAULTS["min_psnr"],
+        help="per-graph parity floor against PyTorch, dB (default %(default)s)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="single-file SOURCE only: diffusers config folder describing the checkpoint",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the ExportConfig from parsed arguments and export; returns the exit status."""
+    config = ExportConfig(
+        source=args.source,
+        out=args.out,
+        opset=args.opset,
+        static_shape=parse_static_shape(args.static_shape),
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        min_psnr=args.min_psnr,
+        config=args.config,
+    )
+    export_model(config)
+    return 0
+
+
+def parse_static_shape(text: str | None) -> tuple[int, int, int] | None:
+    """'1x512x512' -> (1, 512, 512); None stays None (dynamic shapes)."""
+    if text is None:
+        return None
+    match = _STATIC_SHAPE.match(text.strip().lower())
+    if not match:
+        raise InputError("static_shape", text, "BxHxW in pixels, e.g. 1x512x512")
+    batch, height, width = (int(g) for g in match.groups())
+    return batch, height, width
