@@ -1,0 +1,158 @@
+"""`sdonnx generate` and `sdonnx info`: the runtime's subcommands.
+
+Flags map one to one onto GenerationConfig and RuntimeOptions fields; a flag left out keeps the
+field's default. Every argument is checked before the model loads, and images are written to a
+temporary file then renamed, so an error or Ctrl-C never leaves a partial PNG behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from sdonnx.errors import InputError
+from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder
+from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
+from sdonnx.runtime.providers import PROVIDERS, RuntimeOptions, available_providers
+from sdonnx.runtime.samplers import SAMPLERS
+from sdonnx.runtime.schedules import SCHEDULES
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `generate` and `info` to the `sdonnx` command."""
+    generate = subparsers.add_parser("generate", help="generate images from a prompt", description=_generate.__doc__)
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("-m", "--model", required=True, help="model folder (sdonnx export or optimum export)")
+    generate.add_argument("-n", "--negative-prompt", help="what the image should not show")
+    generate.add_argument("--steps", type=int, help=f"sampler steps (default {_DEFAULTS['steps']})")
+    guidance = _DEFAULTS["guidance"]
+    generate.add_argument("--guidance", type=float, help=f"guidance scale; <= 1 turns CFG off (default {guidance})")
+    generate.add_argument("--guidance-rescale", type=float, help="guidance rescale in [0, 1] (default 0)")
+    generate.add_argument("--sampler", help=f"{', '.join(SAMPLERS)} (default {_DEFAULTS['sampler']})")
+    generate.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
+    generate.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    generate.add_argument("--size", metavar="WxH", help="image size, e.g. 512x512 (default: the model's native size)")
+    generate.add_argument("--batch", type=int, help="images to generate (default 1)")
+    generate.add_argument(
+        "-o", "--output", default="image.png", help="PNG path; with --batch N: NAME-1.png ... (default image.png)"
+    )
+    _add_runtime_flags(generate)
+    generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.set_defaults(func=_generate)
+
+    info = subparsers.add_parser("info", help="show a model folder's facts and graphs", description=_info.__doc__)
+    info.add_argument("model", metavar="MODEL", help="model folder")
+    _add_runtime_flags(info)
+    info.set_defaults(func=_info)
+
+
+def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--provider", default="auto", help=f"auto, {', '.join(PROVIDERS)} or an ORT provider name")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Generate images from a prompt and write them as PNG files."""
+    settings = {
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "guidance_rescale": args.guidance_rescale,
+        "sampler": args.sampler,
+        "schedule": args.schedule,
+        "seed": args.seed,
+        "batch": args.batch,
+    }
+    if args.size is not None:
+        settings["width"], settings["height"] = parse_size(args.size)
+    config = GenerationConfig(args.prompt, **{k: v for k, v in settings.items() if v is not None})
+    outputs = output_paths(Path(args.output), config.batch)
+
+    pipe = Pipeline.load(args.model, args.provider, progress=not args.quiet, threads=args.threads)
+    images = pipe.generate(config)
+    seed = images[0].info["seed"]
+    if config.seed is None:
+        print(f"seed: {seed}")
+    for image, path in zip(images, outputs):
+        write_png(image, path, _parameters(config, seed))
+        if not args.quiet:
+            print(f"wrote {path}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    """Show what the runtime reads from a model folder: its facts, each graph's IO, the providers."""
+    options = RuntimeOptions(provider=args.provider, threads=args.threads)
+    optional = [c for c in GRAPH_IO if c not in REQUIRED]
+    model = ModelFolder.load(args.model, options, optional=optional)
+    m = model.manifest
+    print(f"model: {model.root}")
+    print(f"facts from: {'configs (no manifest.json; derived)' if model.derived else 'manifest.json'}")
+    for name in ("family", "prediction_type", "latent_channels", "vae_scaling_factor", "vae_shift_factor",
+                 "vae_downsample", "unet_in_channels", "cross_attention_dim", "sample_size", "tokenizer_max_length"):
+        print(f"  {name}: {getattr(m, name)}")
+    print(f"  default image size: {m.default_image_size}x{m.default_image_size}")
+    s = m.schedule
+    print(
+        f"  schedule: {s.beta_schedule}, {s.num_train_timesteps} training steps, "
+        f"{s.timestep_spacing} spacing, steps_offset {s.steps_offset}"
+    )
+    print("graphs:")
+    for name, session in model.sessions.items():
+        where = session.path.relative_to(model.root)
+        print(f"  {name}: {where} ({m.graphs[name].precision}, runs on {session.providers[0]})")
+        for kind, specs in (("in ", session.inputs), ("out", session.outputs)):
+            for t in specs:
+                print(f"    {kind} {t.name}: {t.dtype} [{', '.join(str(d) for d in t.shape)}]")
+    print(f"providers available: {', '.join(available_providers())}")
+    return 0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"512x768" -> (512, 768) as (width, height)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if match is None:
+        raise InputError("size", text, "WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
+def output_paths(path: Path, batch: int) -> list[Path]:
+    """The PNG path(s) to write; InputError now, before any work, if they cannot be written."""
+    if path.suffix.lower() != ".png":
+        raise InputError("output", str(path), "a path ending in .png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError("output", str(path), f"a path in an existing directory ({parent} does not exist)")
+    if not os.access(parent, os.W_OK):
+        raise InputError("output", str(path), f"a path in a writable directory ({parent} is not writable)")
+    if batch == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, batch + 1)]
+
+
+def write_png(image: Image.Image, path: Path, parameters: str) -> None:
+    """Write `image` to `path` atomically: a temporary file beside it, then a rename."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _parameters(config: GenerationConfig, seed: int) -> str:
+    """The settings that reproduce an image, stored in its PNG text."""
+    fields = dataclasses.asdict(config) | {"seed": seed}
+    return "; ".join(f"{k}: {v}" for k, v in fields.items())

@@ -1,0 +1,255 @@
+"""Model folders: load the graphs of an ONNX Stable Diffusion folder and the facts to run them.
+
+Two layouts are read. A folder written by `sdonnx export` has manifest.json, and every graph's IO
+is checked against it. A folder written by optimum (or diffusers' conversion script) has none, so
+the same facts are derived from its configs (model_index.json, unet/config.json,
+vae_decoder/config.json, scheduler/scheduler_config.json, the tokenizer's config) and each graph's
+IO from the loaded sessions themselves; what differs between exporters (the timestep's dtype and
+rank, int32 or int64 input_ids, fp16 inputs) is then read from those sessions, never guessed.
+Either way, the graphs must agree with the facts (channels, embedding width, sequence length).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sdonnx.errors import InputError, ModelError
+from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule
+from sdonnx.runtime.providers import RuntimeOptions, session_options, session_providers
+from sdonnx.runtime.session import Session
+
+GRAPH_FILE = "model.onnx"
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+TOKENIZER_DIR = "tokenizer"
+
+# The inputs this runtime feeds each graph, and the output it reads (any one of the alternatives).
+GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "text_encoder": (("input_ids",), ("last_hidden_state",)),
+    "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
+    "vae_encoder": (("sample",), ("latent_parameters", "latent_sample")),
+    "vae_decoder": (("latent_sample",), ("sample",)),
+}
+# transformers writes a huge sentinel (int(1e30)) when a tokenizer declares no length limit.
+_NO_LIMIT = 1_000_000
+_DEFAULT_MAX_LENGTH = 77
+# Informational only (nothing branches on it); the same rule as `sdonnx export` applies.
+_FAMILIES = {768: "sd1", 1024: "sd2"}
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A loaded model folder: its manifest (read or derived) and one Session per loaded graph."""
+
+    root: Path
+    manifest: Manifest
+    sessions: Mapping[str, Session]
+    derived: bool  # True when the facts come from optimum-style configs, not manifest.json
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / TOKENIZER_DIR
+
+    def output_name(self, component: str) -> str:
+        """The output this runtime reads from `component` (vae_encoder's name differs by exporter)."""
+        names = self.sessions[component].output_names
+        return next(n for n in GRAPH_IO[component][1] if n in names)
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        options: RuntimeOptions = RuntimeOptions(),
+        *,
+        components: Sequence[str] = REQUIRED,
+        optional: Sequence[str] = (),
+    ) -> ModelFolder:
+        """Load `components` (each must exist) and the `optional` ones whose graph exists."""
+        root = _model_root(path)
+        providers, so = session_providers(options), session_options(options)
+        manifest_file = root / MANIFEST_NAME
+        derived = not manifest_file.is_file()
+        if derived:
+            paths = {c: f"{c}/{GRAPH_FILE}" for c in GRAPH_IO}
+            _require_graphs(root, paths, components)
+            facts = _derive_facts(root)
+        else:
+            declared = Manifest.read(root)
+            paths = {c: spec.path for c, spec in declared.graphs.items()}
+            for c in components:
+                if c not in paths:
+                    raise ModelError(f"{manifest_file}: graphs.{c}: missing (the {c!r} graph is required)")
+            _require_graphs(root, paths, components)
+        wanted = list(components) + [c for c in optional if c in paths and (root / paths[c]).is_file()]
+        sessions = {c: Session(root / paths[c], providers, so, name=c) for c in wanted}
+        if derived:
+            graphs = {c: GraphSpec(paths[c], s.inputs, s.outputs, precision=_precision(s)) for c, s in sessions.items()}
+            manifest = Manifest(**facts, graphs=graphs)
+        else:
+            manifest = declared
+            for c, session in sessions.items():
+                _check_against_spec(session, manifest.graphs[c])
+        for session in sessions.values():
+            _check_io(session, manifest)
+        return cls(root=root, manifest=manifest, sessions=sessions, derived=derived)
+
+
+def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
+    """A JSON object from `path`; {} if it is absent and not required. ModelError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if required:
+            raise ModelError(f"{path}: missing") from None
+        return {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: got {type(data).__name__}, expected a JSON object")
+    return data
+
+
+def _model_root(path: Path | str) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError("model", str(path), "an existing model folder")
+    if not any(root.iterdir()):
+        raise ModelError(
+            f"{root}: empty folder (expected manifest.json from `sdonnx export`, or an optimum export "
+            "with model_index.json and text_encoder/, unet/, vae_decoder/)"
+        )
+    return root
+
+
+def _require_graphs(root: Path, paths: Mapping[str, str], components: Sequence[str]) -> None:
+    """Name every missing graph file before loading any (a U-Net can take a minute to load)."""
+    missing = [c for c in components if not (root / paths[c]).is_file()]
+    if missing:
+        no_graphs = not any((root / p).is_file() for p in paths.values())
+        hint = "; a diffusers PyTorch folder needs `sdonnx export` first" if no_graphs else ""
+        raise ModelError(f"{root}: missing ONNX graph(s) {', '.join(paths[c] for c in missing)}{hint}")
+
+
+def _derive_facts(root: Path) -> dict[str, Any]:
+    """Everything a Manifest holds except the graphs, from an optimum/diffusers-script folder."""
+    unet = read_json(root / "unet" / "config.json")
+    vae = read_json(root / "vae_decoder" / "config.json")
+    scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+    text_encoder = read_json(root / "text_encoder" / "config.json", required=False)
+    unet_path, vae_path = root / "unet" / "config.json", root / "vae_decoder" / "config.json"
+    blocks = vae.get("block_out_channels")
+    if not isinstance(blocks, list) or not blocks:
+        raise ModelError(f"{vae_path}: block_out_channels: got {blocks!r}, expected a non-empty list")
+    cross_attention_dim = _number(unet, "cross_attention_dim", unet_path)
+    prediction_type = scheduler.get("prediction_type", "epsilon")
+    try:
+        schedule = TrainingSchedule.from_scheduler_config(scheduler)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{root / 'scheduler/scheduler_config.json'}: {e}") from None
+    return dict(
+        family=_FAMILIES.get(cross_attention_dim, "custom"),
+        prediction_type=prediction_type,
+        latent_channels=_number(vae, "latent_channels", vae_path),
+        vae_scaling_factor=_number(vae, "scaling_factor", vae_path, float, default=0.18215),
+        vae_shift_factor=_number(vae, "shift_factor", vae_path, float, default=0.0),
+        vae_downsample=2 ** (len(blocks) - 1),
+        unet_in_channels=_number(unet, "in_channels", unet_path),
+        cross_attention_dim=cross_attention_dim,
+        sample_size=_number(unet, "sample_size", unet_path),
+        tokenizer_max_length=_max_length(root, text_encoder),
+        schedule=schedule,
+        versions={},
+        source=f"derived from the configs of {root}",
+    )
+
+
+def _number(config: Mapping[str, Any], key: str, path: Path, kind: type = int, *, default: Any = None) -> Any:
+    """config[key] as `kind`; `default` when absent or null (diffusers writes null for "unset")."""
+    value = config.get(key)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ModelError(f"{path}: {key}: got {value!r}, expected {kind.__name__}")
+    return kind(value)
+
+
+def _max_length(root: Path, text_encoder: Mapping[str, Any]) -> int:
+    declared = read_json(root / TOKENIZER_DIR / "tokenizer_config.json", required=False).get("model_max_length")
+    if isinstance(declared, (int, float)) and not isinstance(declared, bool) and 0 < declared < _NO_LIMIT:
+        return int(declared)
+    positions = text_encoder.get("max_position_embeddings")
+    return int(positions) if isinstance(positions, int) and positions > 0 else _DEFAULT_MAX_LENGTH
+
+
+def _precision(session: Session) -> str:
+    """fp16 when any tensor crosses the graph boundary in float16 (a fp16 export keeps fp32 timesteps)."""
+    return "fp16" if any(s.dtype == "float16" for s in (*session.inputs, *session.outputs)) else "fp32"
+
+
+def _check_against_spec(session: Session, spec: GraphSpec) -> None:
+    """The graph's IO must be what the manifest recorded: names, dtypes, ranks and fixed dims."""
+    for kind, found, expected in (("input", session.inputs, spec.inputs), ("output", session.outputs, spec.outputs)):
+        found_by_name = {t.name: t for t in found}
+        if set(found_by_name) != {t.name for t in expected}:
+            raise ModelError(
+                f"{session.path}: {kind}s of {session.name!r}: manifest says {[t.name for t in expected]}, "
+                f"graph has {[t.name for t in found]}"
+            )
+        for want in expected:
+            got = found_by_name[want.name]
+            if got.dtype != want.dtype or not _same_dims(got.shape, want.shape):
+                raise ModelError(
+                    f"{session.path}: {kind} {want.name!r} of {session.name!r}: manifest says "
+                    f"{want.dtype} {list(want.shape)}, graph has {got.dtype} {list(got.shape)}"
+                )
+
+
+def _check_io(session: Session, manifest: Manifest) -> None:
+    """The graph must take exactly the inputs this runtime feeds and agree with the manifest's facts."""
+    inputs, outputs = GRAPH_IO[session.name]
+    names = [t.name for t in session.inputs]
+    if sorted(names) != sorted(inputs):
+        raise ModelError(f"{session.path}: inputs of {session.name!r}: expected {list(inputs)}, graph has {names}")
+    if not any(o in session.output_names for o in outputs):
+        raise ModelError(
+            f"{session.path}: outputs of {session.name!r}: expected one of {list(outputs)}, "
+            f"graph has {session.output_names}"
+        )
+    for tensor, axis, fact, value in _expected_dims(session.name, manifest):
+        spec = session.input(tensor) if tensor in names else session.output(tensor)
+        if not -len(spec.shape) <= axis < len(spec.shape):
+            raise ModelError(
+                f"{session.path}: {tensor!r} of {session.name!r} has shape {list(spec.shape)}, "
+                f"expected a dim {axis} holding the model's {fact}"
+            )
+        dim = spec.shape[axis]
+        if isinstance(dim, int) and dim != value:
+            raise ModelError(
+                f"{session.path}: {tensor!r} of {session.name!r}: dim {axis} is {dim}, "
+                f"but the model's {fact} is {value}"
+            )
+
+
+def _expected_dims(component: str, m: Manifest) -> list[tuple[str, int, str, int]]:
+    """(tensor, axis, fact name, value) that a graph's fixed dims must equal."""
+    return {
+        "text_encoder": [
+            ("input_ids", 1, "tokenizer_max_length", m.tokenizer_max_length),
+            ("last_hidden_state", -1, "cross_attention_dim", m.cross_attention_dim),
+        ],
+        "unet": [
+            ("sample", 1, "unet_in_channels", m.unet_in_channels),
+            ("encoder_hidden_states", -1, "cross_attention_dim", m.cross_attention_dim),
+        ],
+        "vae_decoder": [("latent_sample", 1, "latent_channels", m.latent_channels)],
+        "vae_encoder": [],
+    }[component]
+
+
+def _same_dims(found: tuple[int | str, ...], declared: tuple[int | str, ...]) -> bool:
+    """Same rank, and equal wherever both fix a size (dim names differ between exporters)."""
+    return len(found) == len(declared) and all(
+        not (isinstance(a, int) and isinstance(b, int)) or a == b for a, b in zip(found, declared)
+    )

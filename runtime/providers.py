@@ -1,0 +1,140 @@
+"""Execution providers and session options: what `--provider`, `--threads` and friends turn into.
+
+`RuntimeOptions` is the one frozen description of how graphs run. `resolve_provider` maps a short
+name (`cuda`) or an ORT name (`CUDAExecutionProvider`) onto a provider this onnxruntime build
+offers; `auto` picks the best one available. Asking for one the build lacks is an `InputError`
+that lists what the build offers and which pip package provides the one asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+from sdonnx.errors import InputError
+
+CPU = "CPUExecutionProvider"
+
+# Short CLI name -> ORT provider name.
+PROVIDERS = {
+    "cpu": CPU,
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+}
+
+# Order `auto` tries. TensorRT is never picked automatically: its engine build takes minutes.
+AUTO_ORDER = ("cuda", "dml", "coreml", "openvino", "cpu")
+
+PIP_PACKAGES = {
+    "cpu": "onnxruntime",
+    "cuda": "onnxruntime-gpu",
+    "dml": "onnxruntime-directml",
+    "tensorrt": "onnxruntime-gpu (with TensorRT libraries installed)",
+    "openvino": "onnxruntime-openvino",
+    "coreml": "onnxruntime (the macOS wheels)",
+}
+
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Providers that take a `device_id` provider option.
+_DEVICE_PROVIDERS = ("cuda", "dml", "tensorrt")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the graphs of a model folder run.
+
+    provider: a key of PROVIDERS, an ORT provider name, or "auto".
+    threads: intra-op threads per session; None lets onnxruntime choose (one per physical core).
+    graph_optimization: a key of GRAPH_OPTIMIZATION.
+    memory_arena: keep onnxruntime's CPU memory arena (faster; off returns memory between runs).
+    device_id: which GPU, for the CUDA, DirectML and TensorRT providers.
+    """
+
+    provider: str = "auto"
+    threads: int | None = None
+    graph_optimization: str = "all"
+    memory_arena: bool = True
+    device_id: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.provider, str):
+            raise InputError("provider", self.provider, f"'auto', one of {sorted(PROVIDERS)} or an ORT provider name")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise InputError("threads", self.threads, "a positive integer or None (onnxruntime's default)")
+        if self.graph_optimization not in GRAPH_OPTIMIZATION:
+            raise InputError("graph_optimization", self.graph_optimization, f"one of {list(GRAPH_OPTIMIZATION)}")
+        if not isinstance(self.memory_arena, bool):
+            raise InputError("memory_arena", self.memory_arena, "True or False")
+        if not _is_int(self.device_id) or self.device_id < 0:
+            raise InputError("device_id", self.device_id, "a non-negative integer")
+
+
+def available_providers() -> list[str]:
+    """The ORT provider names this onnxruntime build can use on this machine."""
+    return list(ort.get_available_providers())
+
+
+def resolve_provider(name: str) -> str:
+    """The short name (a key of PROVIDERS) of the provider `name` asks for; InputError if unavailable."""
+    available = available_providers()
+    if name == "auto":
+        return next(short for short in AUTO_ORDER if PROVIDERS[short] in available)
+    short = _short_name(name)
+    if short is None:
+        raise InputError("provider", name, f"'auto', one of {sorted(PROVIDERS)} or their ORT names")
+    if PROVIDERS[short] not in available:
+        raise InputError(
+            "provider",
+            name,
+            f"one this onnxruntime build offers ({', '.join(available)}); "
+            f"{PROVIDERS[short]} comes with the pip package {PIP_PACKAGES[short]}",
+        )
+    return short
+
+
+def session_providers(options: RuntimeOptions) -> list[str | tuple[str, dict]]:
+    """The `providers=` list for InferenceSession: the chosen provider, then CPU for unsupported ops."""
+    short = resolve_provider(options.provider)
+    provider_options = {"device_id": options.device_id} if short in _DEVICE_PROVIDERS else {}
+    chosen: list[str | tuple[str, dict]] = [(PROVIDERS[short], provider_options)]
+    if short == "tensorrt":
+        # Ops TensorRT cannot take should run on the GPU too, not on the CPU.
+        chosen.append((PROVIDERS["cuda"], {"device_id": options.device_id}))
+    if short != "cpu":
+        chosen.append(CPU)
+    return chosen
+
+
+def session_options(options: RuntimeOptions) -> ort.SessionOptions:
+    """The ort.SessionOptions for `options`."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
+    so.enable_cpu_mem_arena = options.memory_arena
+    if options.threads is not None:
+        so.intra_op_num_threads = options.threads
+    if resolve_provider(options.provider) == "dml":
+        # DirectML supports neither memory patterns nor parallel execution.
+        so.enable_mem_pattern = False
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def _short_name(name: str) -> str | None:
+    lowered = name.lower()
+    if lowered in PROVIDERS:
+        return lowered
+    return next((short for short, full in PROVIDERS.items() if full.lower() == lowered), None)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,55 @@
+"""The runtime never imports torch, diffusers, transformers or optimum, not even lazily.
+
+A fresh interpreter blocks them with a meta-path finder, imports every runtime module, loads the
+optimum fixture and generates an image. Any attempt to import a blocked package fails the test,
+including one that the importing code would have caught and survived.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ("torch", "diffusers", "transformers", "optimum")
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib, importlib.abc, pkgutil, sys
+
+    BLOCKED = {blocked!r}
+    attempts = []
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                attempts.append(name)
+                raise ImportError(f"{{name}} is blocked: the runtime must not import it")
+            return None
+
+    sys.meta_path.insert(0, Block())
+
+    import sdonnx
+    import sdonnx.runtime
+    modules = [m.name for m in pkgutil.iter_modules(sdonnx.runtime.__path__)]
+    for name in modules:
+        importlib.import_module(f"sdonnx.runtime.{{name}}")
+
+    pipe = sdonnx.Pipeline.load({fixture!r}, progress=False)
+    images = pipe("a red cube", steps=2, seed=0, height=16, width=16)
+    assert images[0].size == (16, 16), images[0].size
+
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    if attempts or loaded:
+        sys.exit(f"blocked packages imported: attempts {{attempts}}, loaded {{loaded}}")
+    print("modules:", " ".join(sorted(modules)))
+    """
+)
+
+
+def test_runtime_imports_no_torch_stack(optimum_fixture):
+    script = SCRIPT.format(blocked=BLOCKED, fixture=str(optimum_fixture))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for module in ("cli", "images", "model", "pipeline", "providers", "session", "tokenizer"):
+        assert module in result.stdout.split(), result.stdout
