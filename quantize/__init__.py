@@ -1,1 +1,1 @@
-"""q"""
+"""fp16 / int8 / int4 variants of exported folders through ONNX Runtime's own tooling (issue: quantization)."""

@@ -1,0 +1,62 @@
+"""Build the full-size Stable Diffusion 1.5 architecture with seeded random weights, offline.
+
+No real weights can be downloaded here, so export, runtime and benchmark measurements at full
+size use this: the real SD 1.5 configs bundled under models/configs/sd1, weights from a seed.
+The folder is a cache outside the repository (weights are never committed).
+
+    python benchmarks/sd15_random.py [--out ~/.cache/sdonnx/sd15-random] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+from pathlib import Path
+
+from sdonnx.models import CLIP_TOKENIZER, CONFIGS
+
+DEFAULT_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-random"
+
+
+def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
+    """Write a diffusers folder of SD 1.5's architecture (~4.3 GB fp32); reuse it if complete."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    if (out / "model_index.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config = CONFIGS / "sd1"
+    torch.manual_seed(seed)
+    # One component at a time, so peak memory stays at the U-Net's 3.4 GB.
+    for name, build_module in (
+        ("unet", lambda c: UNet2DConditionModel.from_config(c)),
+        ("vae", lambda c: AutoencoderKL.from_config(c)),
+        ("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
+    ):
+        module = build_module(json.loads((config / name / "config.json").read_text()))
+        module.save_pretrained(tmp / name, safe_serialization=True)
+        del module
+        gc.collect()
+    PNDMScheduler.from_pretrained(config / "scheduler").save_pretrained(tmp / "scheduler")
+    shutil.copytree(CLIP_TOKENIZER, tmp / "tokenizer")
+    shutil.copy(config / "model_index.json", tmp / "model_index.json")
+    tmp.rename(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build(args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()
