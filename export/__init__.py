@@ -149,12 +149,13 @@ def _model_facts(source: SourceModel) -> dict:
     """The manifest fields that come from the PyTorch modules, read before the modules are released."""
     from sdonnx.export.graphs import text_max_length, vae_downsample
     from sdonnx.export.source import scheduler_facts
+    from sdonnx.runtime.manifest import family_for
 
     unet, vae = source.unet.config, source.vae.config
     schedule, prediction_type = scheduler_facts(source.scheduler_config)
     cross_attention_dim = int(unet.cross_attention_dim)
     return dict(
-        family={768: "sd1", 1024: "sd2"}.get(cross_attention_dim, "custom"),  # informational only
+        family=family_for(cross_attention_dim),
         prediction_type=prediction_type,
         latent_channels=int(vae.latent_channels),
         vae_scaling_factor=float(vae.scaling_factor),

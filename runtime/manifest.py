@@ -24,6 +24,13 @@ COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DTYPES = ("float32", "float16", "int64", "int32")
+# Informational label only: the runtime reads facts, never the family.
+_FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2"}
+
+
+def family_for(cross_attention_dim: int) -> str:
+    """"sd1" (CLIP ViT-L, 768), "sd2" (OpenCLIP ViT-H, 1024) or "custom"."""
+    return _FAMILY_BY_CROSS_ATTENTION.get(int(cross_attention_dim), "custom")
 
 
 @dataclass(frozen=True)

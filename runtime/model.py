@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sdonnx.errors import InputError, ModelError
-from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule
+from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
 from sdonnx.runtime.providers import RuntimeOptions, session_options, session_providers
 from sdonnx.runtime.session import Session
 
@@ -35,8 +35,6 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # transformers writes a huge sentinel (int(1e30)) when a tokenizer declares no length limit.
 _NO_LIMIT = 1_000_000
 _DEFAULT_MAX_LENGTH = 77
-# Informational only (nothing branches on it); the same rule as `sdonnx export` applies.
-_FAMILIES = {768: "sd1", 1024: "sd2"}
 
 
 @dataclass(frozen=True)
@@ -149,7 +147,7 @@ def _derive_facts(root: Path) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ModelError(f"{root / 'scheduler/scheduler_config.json'}: {e}") from None
     return dict(
-        family=_FAMILIES.get(cross_attention_dim, "custom"),
+        family=family_for(cross_attention_dim),
         prediction_type=prediction_type,
         latent_channels=_number(vae, "latent_channels", vae_path),
         vae_scaling_factor=_number(vae, "scaling_factor", vae_path, float, default=0.18215),

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sdonnx.export import cli as export_cli
     from sdonnx.runtime import cli as runtime_cli
 
-    parser = argparse.ArgumentParser(prog="sdonnx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sdonnx", description="Stable Diffusion on ONNX Runtime: export checkpoints, generate images, inspect models."
+    )
     parser.add_argument("--version", action="version", version=f"sdonnx {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cli.register(subparsers)

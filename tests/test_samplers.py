@@ -8,12 +8,8 @@ scheduler's module) and the sdonnx sampler draws from `ReplayNoise`, which check
 
 Tolerance: max|ours - diffusers| <= RTOL * max|diffusers| on the final latent, RTOL = 1e-5, both
 float32 (measured differences are 1e-7..2e-6 relative: float32 rounding of k- vs VP-space arithmetic).
-
-Two oracle stand-ins, because optional dependencies are not installed here:
-- LMSDiscreteScheduler integrates its coefficients with scipy.integrate.quad; an 8-point Gauss-Legendre
-  rule (exact for these cubic polynomials) takes its place.
-- DPMSolverSDEScheduler imports torchsde only for its Brownian-tree noise: the import is stubbed and
-  BrownianTreeNoiseSampler replaced by recorded Gaussian draws, so the solver itself is diffusers'.
+The schedulers, their noise injection and the stand-ins for optional dependencies are in
+`diffusers_oracle`, shared with the image-level parity tests.
 
 Known differences, tested separately with their own documented bounds: diffusers' PNDM mixes raw v
 outputs for v-prediction (ours mixes eps), and KDPM2-ancestral with karras sigmas feeds two different
@@ -22,13 +18,8 @@ timesteps at one sigma.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
-import sys
-import types
 from dataclasses import dataclass, replace
-from functools import cache
 
 import numpy as np
 import pytest
@@ -42,6 +33,8 @@ from sdonnx.runtime.schedules import PLANS, SCHEDULES, make_sigmas, sigma_to_tim
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from diffusers_oracle import ORACLES, ReplayNoise, oracle_scheduler  # noqa: E402 (needs torch and diffusers)
+
 pytestmark = pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # diffusers' torch/NumPy 2 interop
 
 RTOL = 1e-5
@@ -49,28 +42,6 @@ BATCH, TOKENS, DIM = 2, 5, 8
 LATENT_SHAPE = (BATCH, 4, 8, 8)
 TEXT_PROJECTION = np.random.default_rng(0).standard_normal((DIM, 4)).astype(np.float32)
 TIMESTEP_SCALAR = TensorSpec("timestep", "float32", ())
-
-# sampler -> (diffusers module, scheduler class, config beyond the model's)
-DPM_SOLVER = ("scheduling_dpmsolver_multistep", "DPMSolverMultistepScheduler")
-ORACLES = {
-    "euler": ("scheduling_euler_discrete", "EulerDiscreteScheduler", {}),
-    "euler_ancestral": ("scheduling_euler_ancestral_discrete", "EulerAncestralDiscreteScheduler", {}),
-    "heun": ("scheduling_heun_discrete", "HeunDiscreteScheduler", {}),
-    "dpm_2": ("scheduling_k_dpm_2_discrete", "KDPM2DiscreteScheduler", {}),
-    "dpm_2_ancestral": ("scheduling_k_dpm_2_ancestral_discrete", "KDPM2AncestralDiscreteScheduler", {}),
-    "lms": ("scheduling_lms_discrete", "LMSDiscreteScheduler", {}),
-    "dpmpp_2m": (*DPM_SOLVER, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_sde": (*DPM_SOLVER, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpmpp_sde": ("scheduling_dpmsolver_sde", "DPMSolverSDEScheduler", {}),
-    "ddim": ("scheduling_ddim", "DDIMScheduler", {"eta": 0.0}),
-    "pndm": ("scheduling_pndm", "PNDMScheduler", {"skip_prk_steps": True}),
-    "plms": ("scheduling_pndm", "PNDMScheduler", {"skip_prk_steps": True}),
-    "unipc": ("scheduling_unipc_multistep", "UniPCMultistepScheduler", {}),
-    "lcm": ("scheduling_lcm", "LCMScheduler", {}),
-    "ddpm": ("scheduling_ddpm", "DDPMScheduler", {}),
-}
-KIND_FLAGS = {"default": {}, "karras": {"use_karras_sigmas": True}, "exponential": {"use_exponential_sigmas": True}}
-
 
 def fake_unet(sample: np.ndarray, timestep: np.ndarray, text: np.ndarray) -> np.ndarray:
     """A smooth, nonlinear, timestep- and text-dependent stand-in for the U-Net (NumPy, float32)."""
@@ -95,13 +66,13 @@ class Case:
         return "-".join(map(str, fields)) + f"-g{self.guidance}-r{self.rescale}"
 
     def config(self) -> dict:
-        """The tiny models' schedule (scaled_linear 0.00085..0.012, 1000 steps, steps_offset 1)."""
-        model = dict(
+        """The model's scheduler config: the tiny models' schedule (scaled_linear 0.00085..0.012,
+        1000 steps, steps_offset 1) with this case's spacing and prediction type."""
+        return dict(
             num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             steps_offset=1, timestep_spacing=self.spacing, prediction_type=self.prediction,
             clip_sample=False, set_alpha_to_one=False,
         )
-        return {**model, **ORACLES[self.sampler][2], **KIND_FLAGS[self.kind]}
 
 
 @dataclass
@@ -118,71 +89,14 @@ def make_inputs(seed: int = 0) -> Inputs:
     return Inputs(noise, cond, uncond)
 
 
-class ReplayNoise:
-    """A noise source returning recorded draws in order, checking each requested shape."""
-
-    def __init__(self, draws: list[np.ndarray]):
-        self.draws, self.used = draws, 0
-
-    def standard_normal(self, shape):
-        if self.used == len(self.draws):
-            raise AssertionError(f"sampler drew more noise than diffusers ({len(self.draws)} draws)")
-        draw = self.draws[self.used]
-        assert draw.shape == tuple(shape), (draw.shape, shape)
-        self.used += 1
-        return draw
-
-
-def gauss_legendre_quad(f, a, b, epsrel=None):
-    """scipy.integrate.quad's interface; exact for polynomials of degree <= 15."""
-    nodes, weights = np.polynomial.legendre.leggauss(8)
-    a, b = float(a), float(b)
-    half, middle = (b - a) / 2, (a + b) / 2
-    return half * sum(w * float(f(middle + half * x)) for x, w in zip(nodes, weights)), 0.0
-
-
-@cache
-def scheduler_module(sampler: str) -> types.ModuleType:
-    name = f"diffusers.schedulers.{ORACLES[sampler][0]}"
-    if name.endswith("dpmsolver_sde") and importlib.util.find_spec("torchsde") is None:
-        sys.modules["torchsde"] = types.ModuleType("torchsde")
-        try:
-            return importlib.import_module(name)
-        finally:
-            del sys.modules["torchsde"]
-    return importlib.import_module(name)
-
-
 def run_diffusers(monkeypatch, case: Case, inputs: Inputs, unet=fake_unet) -> tuple[np.ndarray, list[np.ndarray]]:
     """StableDiffusionPipeline's denoising loop around the diffusers scheduler; returns (latents, draws)."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as torch_rescale
 
-    module = scheduler_module(case.sampler)
-    noise_generator = torch.Generator().manual_seed(1234)
-    draws: list[np.ndarray] = []
-
-    def record(shape, generator=None, device=None, dtype=None, **_):
-        draw = torch.randn(tuple(shape), generator=noise_generator, dtype=torch.float32)
-        draws.append(draw.numpy())
-        return draw.to(dtype or torch.float32)
-
-    class RecordedBrownianNoise:
-        def __init__(self, x, *args, **kwargs):
-            self.shape = x.shape
-
-        def __call__(self, sigma, sigma_next):
-            return record(self.shape)
-
-    monkeypatch.setattr(module, "randn_tensor", record, raising=False)
-    monkeypatch.setattr(module, "integrate", types.SimpleNamespace(quad=gauss_legendre_quad), raising=False)
-    monkeypatch.setattr(module, "BrownianTreeNoiseSampler", RecordedBrownianNoise, raising=False)
-
-    config = case.config()
-    step_kwargs = {"eta": config.pop("eta")} if "eta" in config else {}
-    scheduler = getattr(module, ORACLES[case.sampler][1]).from_config(config)
+    scheduler, draws = oracle_scheduler(
+        monkeypatch, case.sampler, case.config(), kind=case.kind, noise=noise_source(1234)
+    )
     scheduler.set_timesteps(case.steps)
-    if "generator" in inspect.signature(scheduler.step).parameters:
-        step_kwargs["generator"] = noise_generator
     guided = case.guidance > 1
     text = np.concatenate([inputs.uncond, inputs.cond]) if guided else inputs.cond
     latents = torch.from_numpy(inputs.noise) * scheduler.init_noise_sigma
@@ -194,7 +108,7 @@ def run_diffusers(monkeypatch, case: Case, inputs: Inputs, unet=fake_unet) -> tu
             out = out_uncond + case.guidance * (out_cond - out_uncond)
             if case.rescale > 0:
                 out = torch_rescale(out, out_cond, guidance_rescale=case.rescale)
-        latents = scheduler.step(out, t, latents, **step_kwargs).prev_sample
+        latents = scheduler.step(out, t, latents).prev_sample
     return latents.numpy(), draws
 
 

@@ -106,3 +106,14 @@ def _write_tokenizer(folder: Path, pad_token: str) -> None:
     special = json.loads((folder / "special_tokens_map.json").read_text())
     special["pad_token"] = pad_token
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random-weight SD pipeline (diffusers folder).")
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(build_tiny_pipeline(args.kind, args.out, args.seed))
