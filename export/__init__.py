@@ -128,12 +128,12 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
 
 
 def _require_export_extras() -> None:
-    for module in ("torch", "diffusers", "transformers", "onnx"):
+    for module in ("torch", "diffusers", "transformers", "onnx", "accelerate"):
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise SdonnxError(
-                f"sdonnx export needs PyTorch, diffusers, transformers and onnx ({module} is missing: {e}); "
+                f"sdonnx export needs PyTorch, diffusers, transformers, onnx and accelerate ({module} is missing: {e}); "
                 f"install them with: {INSTALL_HINT}"
             ) from None
 

@@ -258,7 +258,7 @@ def _convert(path: Path, folder: Path, name: str, load: Callable, tensors: dict[
         # diffusers builds modules on the meta device and fills in what the checkpoint has; moving one
         # to the CPU afterwards fails on the parameters that got nothing.
         raise ExportError(f"{missing}; {hint}") from error
-    except (ValueError, KeyError, IndexError, SingleFileComponentError) as error:
+    except (ValueError, KeyError, IndexError, RuntimeError, SingleFileComponentError) as error:
         raise ExportError(f"{path}: its {name} weights do not fit {config_file}: {error}") from error
     left_on_meta = [key for key, tensor in chain(module.named_parameters(), module.named_buffers()) if tensor.is_meta]
     if left_on_meta:

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 from sdonnx.errors import InputError
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
-from sdonnx.runtime.providers import PROVIDERS, RuntimeOptions, available_providers
+from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.samplers import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
 
@@ -57,6 +57,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="auto", help=f"auto, {', '.join(PROVIDERS)} or an ORT provider name")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument(
+        "--graph-optimization", default="all", choices=list(GRAPH_OPTIMIZATION),
+        help="onnxruntime graph optimization level (default all)",
+    )
+    parser.add_argument(
+        "--no-memory-arena", dest="memory_arena", action="store_false",
+        help="return memory between runs instead of keeping onnxruntime's arena (less RAM, slower)",
+    )
+    parser.add_argument("--device-id", type=int, default=0, help="GPU index for CUDA, DirectML, TensorRT (default 0)")
+
+
+def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    return RuntimeOptions(
+        provider=args.provider,
+        threads=args.threads,
+        graph_optimization=args.graph_optimization,
+        memory_arena=args.memory_arena,
+        device_id=args.device_id,
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -76,7 +95,8 @@ def _generate(args: argparse.Namespace) -> int:
     config = GenerationConfig(args.prompt, **{k: v for k, v in settings.items() if v is not None})
     outputs = output_paths(Path(args.output), config.batch)
 
-    pipe = Pipeline.load(args.model, args.provider, progress=not args.quiet, threads=args.threads)
+    options = dataclasses.asdict(_runtime_options(args))
+    pipe = Pipeline.load(args.model, options.pop("provider"), progress=not args.quiet, **options)
     images = pipe.generate(config)
     seed = images[0].info["seed"]
     if config.seed is None:
@@ -90,7 +110,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     """Show what the runtime reads from a model folder: its facts, each graph's IO, the providers."""
-    options = RuntimeOptions(provider=args.provider, threads=args.threads)
+    options = _runtime_options(args)
     optional = [c for c in GRAPH_IO if c not in REQUIRED]
     model = ModelFolder.load(args.model, options, optional=optional)
     m = model.manifest
