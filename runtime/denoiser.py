@@ -73,7 +73,13 @@ class Denoiser:
 
     @cached_property
     def _embeddings(self) -> np.ndarray:
-        return np.concatenate([self.uncond, self.cond]) if self.guided else np.asarray(self.cond)
+        """uncond || cond [2B, S, D], or cond [B, S, D]: the same every step.
+
+        Read-only, so a session with device IO binding uploads it once rather than every step.
+        """
+        embeddings = np.concatenate([self.uncond, self.cond]) if self.guided else np.array(self.cond)
+        embeddings.flags.writeable = False
+        return embeddings
 
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         batch = x.shape[0]

@@ -149,9 +149,11 @@ class Pipeline:
         noise = initial_noise(shape, rng, latents)
 
         context_dtype = sessions["unet"].input("encoder_hidden_states").dtype
-        cond, uncond = (
-            encode_prompt(sessions["text_encoder"], self.tokenizer, text, config.batch, context_dtype)
-            for text in (config.prompt, config.negative_prompt)
+        cond = encode_prompt(sessions["text_encoder"], self.tokenizer, config.prompt, config.batch, context_dtype)
+        uncond = (  # guidance <= 1 never runs the unconditional half
+            encode_prompt(sessions["text_encoder"], self.tokenizer, config.negative_prompt, config.batch, context_dtype)
+            if config.guidance > 1
+            else None
         )
         latent = self._sample(self._denoiser(cond, uncond, plan, config), plan, noise, rng, callback)
         check_finite(latent, sessions["unet"], "out_sample")

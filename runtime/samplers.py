@@ -244,7 +244,8 @@ def sample_pndm(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, rng=None
     PNDM's transfer step is DDIM's, which is Euler in k-space. Like diffusers, the first step is Heun
     (the U-Net runs twice at sigmas[1], so N steps cost N + 1 calls) and its correction is left out
     of the multistep history. diffusers combines the raw model outputs, so for v-prediction it
-    mixes v rather than eps; this sampler always combines eps (see the tests for the difference).
+    mixes v rather than eps; this sampler always combines eps, since which to mix depends on the
+    prediction type that samplers do not see (the tests measure the difference).
     """
     history: list[np.ndarray] = []
     for i, sigma, sigma_next in _steps(sigmas):

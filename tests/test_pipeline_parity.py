@@ -13,7 +13,7 @@ Tolerance: max |Δpixel| <= 2/255 between diffusers' float image and sdonnx's 8-
 Known gap: diffusers' PNDM linearly combines the raw model outputs, v for a v-prediction model,
 where sdonnx's sample_pndm combines eps. Two models with the same denoised(x, sigma), one predicting
 eps and one v, get different PNDM images from diffusers, so no sampler that sees only denoised(x,
-sigma) can match both; sd2 + pndm is a strict xfail (test_samplers checks that ours equals
+sigma) can match both: sd2 + pndm is a strict xfail (test_samplers checks that ours equals
 diffusers' PLMS on the equivalent epsilon model).
 """
 
@@ -41,8 +41,8 @@ SETTINGS = {"lcm": (4, 1.0)}
 SEED = 5
 NAMES = [name for name in SAMPLERS if name != "plms"]  # plms is another name for pndm
 PNDM_V_GAP = (
-    "diffusers' PNDM mixes raw v outputs, sdonnx mixes eps; not expressible from denoised(x, sigma) "
-    "alone (measured max 49.6/255, mean 3.9/255)"
+    "diffusers' PNDM mixes raw model outputs (v here), sdonnx's mixes eps: which to mix depends on the "
+    "prediction type, which samplers do not see (measured max 49.9/255, mean 4.0/255)"
 )
 CASES = [
     pytest.param(
