@@ -35,6 +35,7 @@ from sdonnx.runtime.session import Session
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
+RNGS = ("torch", "numpy")
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
@@ -60,6 +61,9 @@ class GenerationConfig:
     width: int | None = None
     batch: int = 1
     guidance_rescale: float = 0.0
+    strength: float = 1.0  # img2img / inpaint: how far to noise the init image (1.0 = ignore it)
+    clip_skip: int = 1  # A1111's convention: 1 = the text encoder's last layer, 2 = the one before
+    rng: str = "torch"  # noise generator: "torch" (the same noise as torch.manual_seed on CPU) or "numpy"
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -76,6 +80,11 @@ class GenerationConfig:
             raise InputError("guidance", self.guidance, "a finite number >= 0 (<= 1 disables classifier-free guidance)")
         if not _is_real(self.guidance_rescale) or not 0.0 <= self.guidance_rescale <= 1.0:
             raise InputError("guidance_rescale", self.guidance_rescale, "a number in [0, 1]")
+        if not _is_real(self.strength) or not 0.0 <= self.strength <= 1.0:
+            raise InputError("strength", self.strength, "a number in [0, 1]")
+        _check_int("clip_skip", self.clip_skip, 1, 12)
+        if self.rng not in RNGS:
+            raise InputError("rng", self.rng, f"one of {list(RNGS)}")
         if self.sampler not in SAMPLERS:
             raise InputError("sampler", self.sampler, f"one of {sorted(SAMPLERS)}")
         if self.schedule not in SCHEDULES:
