@@ -17,6 +17,7 @@ import torch
 
 from sdonnx.export.source import SourceModel
 from sdonnx.runtime.manifest import TensorSpec
+from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT
 
 ORDER = ("text_encoder", "vae_encoder", "vae_decoder", "unet")  # the U-Net last: alone in memory
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -24,6 +25,9 @@ SEQUENCE = "sequence_length"  # the one axis a static shape leaves dynamic: long
 _EXTERNAL_DATA_ALIGNMENT = 1 << 16  # Windows' allocation granularity (a page multiple): ORT can mmap aligned tensors
 _ALIGN_FROM_BYTES = 1 << 20
 _COPY_CHUNK = 1 << 24
+# Clip skip 2 (the penultimate layer) is what most fine-tunes expect; 3 and 4 are seen now and then;
+# deeper layers only degrade SD images. A1111's slider goes to 12: those need a re-export with a larger value.
+MAX_CLIP_SKIP = 4
 # The SourceModel field each graph needs: a module is released after the last graph that uses it.
 _OWNER = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
 
@@ -78,14 +82,32 @@ class _Wrapper(torch.nn.Module):
 
 
 class _TextEncoder(_Wrapper):
+    """optimum's two outputs, then `clip_skip_n` = final_layer_norm(hidden_states[-n]) for n = 2..MAX_CLIP_SKIP.
+
+    Each extra output costs a LayerNorm and one [B, T, D] tensor per run (no weights: the norm is
+    shared), and lets the runtime apply clip skip without torch; n stops where the model's layers do.
+    """
+
     input_names = ("input_ids",)
-    output_names = ("last_hidden_state", "pooler_output")
-    dynamic_axes = {"input_ids": {0: "batch_size", 1: SEQUENCE}, "last_hidden_state": {0: "batch_size", 1: SEQUENCE},
-                    "pooler_output": {0: "batch_size"}}
 
     def __init__(self, source: SourceModel):
         super().__init__()
         self.text_encoder = source.text_encoder
+        transformer = getattr(self.text_encoder, "text_model", self.text_encoder)  # nested before transformers 5
+        self.final_layer_norm = getattr(transformer, "final_layer_norm", None)
+        layers = int(self.text_encoder.config.num_hidden_layers)
+        reachable = range(2, min(MAX_CLIP_SKIP, layers + 1) + 1)  # hidden_states has layers + 1 entries
+        self.clip_skips = tuple(reachable) if self.final_layer_norm is not None else ()
+
+    @property
+    def output_names(self):
+        return ("last_hidden_state", "pooler_output", *(CLIP_SKIP_OUTPUT.format(n) for n in self.clip_skips))
+
+    @property
+    def dynamic_axes(self):
+        sequence = {0: "batch_size", 1: SEQUENCE}
+        return {"input_ids": sequence, "last_hidden_state": sequence, "pooler_output": {0: "batch_size"},
+                **{CLIP_SKIP_OUTPUT.format(n): sequence for n in self.clip_skips}}
 
     def example(self, probe, generator):
         config = self.text_encoder.config
@@ -94,8 +116,9 @@ class _TextEncoder(_Wrapper):
         return (ids,)
 
     def forward(self, input_ids):
-        outputs = self.text_encoder(input_ids=input_ids, return_dict=False)
-        return outputs[0], outputs[1]
+        outputs = self.text_encoder(input_ids=input_ids, output_hidden_states=bool(self.clip_skips), return_dict=True)
+        skipped = (self.final_layer_norm(outputs.hidden_states[-n]) for n in self.clip_skips)
+        return outputs.last_hidden_state, outputs.pooler_output, *skipped
 
 
 class _UNet(_Wrapper):
@@ -196,6 +219,7 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     """The named graph's wrapper and seeded example inputs. Shapes (B = image batch, L = latent side):
 
     text_encoder  input_ids int64 [B, T] -> last_hidden_state [B, T, D], pooler_output [B, D]
+                  (+ clip_skip_n [B, T, D], n = 2..4)
     unet          sample [2B, C, Lh, Lw], timestep float32 [], encoder_hidden_states [2B, S, D]
                   -> out_sample [2B, 4, Lh, Lw]   (2B: classifier-free guidance batches uncond||cond)
     vae_encoder   sample [B, 3, H, W] -> latent_parameters [B, 2*latent_channels, Lh, Lw]

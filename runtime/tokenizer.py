@@ -6,8 +6,10 @@ byte-level BPE with the "</w>" end-of-word suffix. The special tokens (bos, eos,
 tokenizer_config.json / special_tokens_map.json and are registered as transformers registers them,
 so a pad token of "!" (SD 2.x) also splits "!" out of prompts exactly as diffusers' pipelines do.
 
-A prompt becomes [bos] + BPE ids + [eos], padded with the pad id to `max_length`; longer prompts
-are truncated (`frame` is the seam where long-prompt chunking plugs in).
+`token_ids` gives a text's BPE ids alone and `frame` turns up to max_length - 2 of them into
+[bos] + ids + [eos], padded with the pad id to max_length: prompts.py cuts long and weighted prompts
+into chunks with these two. Called on a list of prompts, the tokenizer frames each whole prompt,
+truncated, as diffusers' pipelines do.
 """
 
 from __future__ import annotations
