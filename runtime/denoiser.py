@@ -3,13 +3,17 @@
 Only this module knows the prediction type, how sigma maps to the U-Net's timestep (dtype and rank
 included), the input scaling and classifier-free guidance. Samplers see k-diffusion space only:
 x = x0 + sigma * eps, and the U-Net gets the VP sample x / sqrt(sigma^2 + 1).
+
+Inpainting lives here too, as what the U-Net sees: a 9-channel U-Net gets the mask and the
+masked image's latents after the scaled sample (`extra_channels`); for a 4-channel U-Net,
+`KeepUnmasked` shows it the init image, noised to the current sigma, outside the mask.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Callable
 
 import numpy as np
@@ -20,6 +24,7 @@ from .manifest import PREDICTION_TYPES, TensorSpec, TrainingSchedule
 from .schedules import Sigmas, sigma_to_timestep
 
 UNet = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Denoise = Callable[[np.ndarray, float], np.ndarray]
 TIMESTEP_DTYPES = ("float32", "float16", "int64", "int32")
 LCM_SIGMA_DATA = 0.5
 
@@ -33,6 +38,8 @@ class Denoiser:
     it the U-Net runs once on the batch uncond || cond. guidance_rescale is diffusers' rescale_noise_cfg.
     plan: the sampling plan, whose exact timesteps (rounded or fractional, as diffusers' scheduler
     chose them) and LCM boundary condition apply; sigmas off the plan map by log-sigma interpolation.
+    extra_channels: [B, E, h, w] appended to the scaled sample on the channel axis, for U-Nets that
+    take more than the latent (an inpainting U-Net: mask || masked-image latents).
     """
 
     unet: UNet
@@ -45,6 +52,7 @@ class Denoiser:
     guidance_rescale: float = 0.0
     sample_dtype: str = "float32"
     plan: Sigmas | None = None
+    extra_channels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -61,6 +69,12 @@ class Denoiser:
             raise InputError("guidance_scale", self.guidance_scale, "a finite number >= 0")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise InputError("guidance_rescale", self.guidance_rescale, "a number from 0 to 1")
+        if self.extra_channels is not None and (
+            np.ndim(self.extra_channels) != 4 or len(self.extra_channels) != len(self.cond)
+        ):
+            raise InputError(
+                "extra_channels", f"shape {np.shape(self.extra_channels)}", f"[{len(self.cond)}, channels, h, w]"
+            )
         if self.guided:
             if self.uncond is None:
                 raise InputError("uncond", None, "unconditional embeddings when guidance_scale > 1")
@@ -87,6 +101,8 @@ class Denoiser:
             raise InputError("cond", f"batch {np.shape(self.cond)[0]}", f"batch {batch}, the latents' batch")
         c_in = 1 / math.sqrt(sigma**2 + 1)
         sample = (x * c_in).astype(self.sample_dtype)
+        if self.extra_channels is not None:
+            sample = np.concatenate([sample, self.extra_channels.astype(self.sample_dtype)], axis=1)
         if self.guided:
             sample = np.concatenate([sample, sample])
         t = self.timestep(sigma)
@@ -130,6 +146,48 @@ class Denoiser:
         c_skip = LCM_SIGMA_DATA**2 / (scaled**2 + LCM_SIGMA_DATA**2)
         c_out = scaled / math.sqrt(scaled**2 + LCM_SIGMA_DATA**2)
         return c_out * denoised + c_skip * sample_vp
+
+
+@dataclass(frozen=True)
+class KeepUnmasked:
+    """4-channel inpainting: the init image, noised to the current sigma, outside the mask.
+
+    diffusers' StableDiffusionInpaintPipeline (4-channel U-Net) blends after every scheduler step:
+    x = (1 - mask) * (latents + sigma_next * noise) + mask * x, and with the clean latents after the
+    last. `wrap` blends the U-Net's input instead, which gives the same image without touching the
+    samplers: every sampler combines x, denoised and fresh noise element by element and the mask is
+    0 or 1, so where mask = 1 each trajectory is diffusers'; the only thing that mixes pixels is the
+    U-Net, which sees the blended x; where mask = 0 the trajectory differs, but `final` replaces it
+    with the clean latents. At the plan's first sigma nothing is blended: the first step sees the
+    starting x (pure noise at strength 1, as in diffusers). Between plan sigmas (DPM-2's and DPM++
+    SDE's midpoints) diffusers blends with the image noised to the next plan sigma, and so does this.
+    Step callbacks see the unblended x.
+
+    latents, noise: [B, C, h, w], the clean init latents and the unit noise that started the run;
+    mask: [B, 1, h, w] of 0/1, 1 = repaint; sigmas: the plan's, descending.
+    """
+
+    latents: np.ndarray
+    noise: np.ndarray
+    mask: np.ndarray
+    sigmas: np.ndarray
+
+    def wrap(self, denoise: Denoise) -> Denoise:
+        """denoise(x, sigma) whose U-Net input is blended below the plan's first sigma."""
+        return partial(self._denoise, denoise)
+
+    def final(self, latent: np.ndarray) -> np.ndarray:
+        """The sampled latent [B, C, h, w] with the clean init latents outside the mask."""
+        return self._blend(latent, self.latents)
+
+    def _denoise(self, denoise: Denoise, x: np.ndarray, sigma: float) -> np.ndarray:
+        if sigma < self.sigmas[0]:
+            level = float(self.sigmas[np.searchsorted(-self.sigmas, -sigma)])  # the plan sigma at or below
+            x = self._blend(x, self.latents + level * self.noise)
+        return denoise(x, sigma)
+
+    def _blend(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
+        return (1 - self.mask) * known + self.mask * x
 
 
 def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

@@ -1,20 +1,35 @@
-"""VAE decoding: latents -> pixels -> PIL images, refusing non-finite values on the way.
+"""Images in and out of latent space: the VAE decoder and encoder, and init image / mask preprocessing.
 
 A fp16 VAE decoder overflows on some latents and returns NaN or inf, which would otherwise turn
 into a silently black (or noise) image; that is reported as a `ModelError` naming the graph.
+
+Init images and masks are prepared as diffusers' VaeImageProcessor prepares them: any mode in (the
+image converted to RGB, the mask to grayscale), resized with Lanczos when their size is not the one
+asked for (with a warning: sdonnx resizes rather than refuses, as diffusers does), then the image
+scaled to [-1, 1] and the mask binarized at 0.5 (1 = repaint).
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
-from sdonnx.errors import ModelError
+from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.noise import NoiseSource, gaussian_like
 from sdonnx.runtime.session import Session
 
 DECODER_INPUT = "latent_sample"
 DECODER_OUTPUT = "sample"
+ENCODER_INPUT = "sample"
+# The encoder's distribution parameters (mean || logvar, optimum's output), or, from older exports,
+# an already drawn sample; diffusers' DiagonalGaussianDistribution clamps logvar to this range.
+ENCODER_PARAMETERS, ENCODER_SAMPLE = "latent_parameters", "latent_sample"
+LOGVAR_RANGE = (-30.0, 20.0)
+MASK_THRESHOLD = 0.5
 
 
 def decode(vae_decoder: Session, latents: np.ndarray, manifest: Manifest) -> list[Image.Image]:
@@ -53,3 +68,67 @@ def check_finite(array: np.ndarray, session: Session, tensor: str, *, hint: str 
 
 
 _FP32_VAE_HINT = "; fp16 VAE decoders overflow on some latents: use a VAE decoder exported in fp32"
+
+
+def encode(
+    vae_encoder: Session, pixels: np.ndarray, manifest: Manifest, rng: NoiseSource, batch: int
+) -> np.ndarray:
+    """pixels float32 [1, 3, H, W] in [-1, 1] -> `batch` latents [batch, C, H/f, W/f] (diffusion space).
+
+    One encoder run; each image of the batch then draws its own sample from the encoder's Gaussian
+    (one draw of [batch, C, h, w] from `rng`, where diffusers' retrieve_latents draws), so that
+    image k of a batch is the image a run with seed S+k alone gives.
+    """
+    output = next(name for name in (ENCODER_PARAMETERS, ENCODER_SAMPLE) if name in vae_encoder.output_names)
+    spec = vae_encoder.input(ENCODER_INPUT)
+    moments = vae_encoder.run(**{ENCODER_INPUT: pixels.astype(spec.dtype)})[output].astype(np.float32)
+    check_finite(moments, vae_encoder, output)
+    moments = np.repeat(moments, batch, axis=0)
+    if output == ENCODER_PARAMETERS:
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
+        moments = mean + std * gaussian_like(rng, mean)
+    return (moments - manifest.vae_shift_factor) * manifest.vae_scaling_factor
+
+
+def open_image(image: object, field: str) -> Image.Image:
+    """A PIL image, or the image file at a path, loaded; InputError naming `field` otherwise."""
+    if isinstance(image, Image.Image):
+        return image
+    if not isinstance(image, (str, Path)):
+        raise InputError(field, type(image).__name__, "a PIL image or the path of an image file")
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(field, str(image), f"a readable image file ({e})") from None
+
+
+def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:
+    """(height, width): the image's, rounded down to `multiple` as diffusers' VaeImageProcessor does."""
+    height, width = image.height - image.height % multiple, image.width - image.width % multiple
+    if not height or not width:
+        raise InputError("image", f"{image.width}x{image.height}", f"an image at least {multiple}x{multiple} pixels")
+    return height, width
+
+
+def image_pixels(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """Any-mode image -> float32 [1, 3, height, width] in [-1, 1] (resized with Lanczos if needed)."""
+    rgb = np.asarray(_resized(image.convert("RGB"), height, width, "image"), dtype=np.float32) / 255
+    return (2 * rgb - 1).transpose(2, 0, 1)[None]
+
+
+def mask_pixels(mask: Image.Image, image: Image.Image, height: int, width: int) -> np.ndarray:
+    """Any-mode mask the size of `image` -> float32 [1, 1, height, width], 1 (white) = repaint."""
+    if mask.size != image.size:
+        raise InputError("mask", f"{mask.width}x{mask.height}", f"the init image's size, {image.width}x{image.height}")
+    gray = np.asarray(_resized(mask.convert("L"), height, width, "mask"), dtype=np.float32) / 255
+    return (gray >= MASK_THRESHOLD).astype(np.float32)[None, None]
+
+
+def _resized(image: Image.Image, height: int, width: int, field: str) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    warnings.warn(f"{field}: resized from {image.width}x{image.height} to {width}x{height} (Lanczos)", stacklevel=3)
+    return image.resize((width, height), Image.Resampling.LANCZOS)

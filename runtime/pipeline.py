@@ -1,8 +1,16 @@
 """Text to image: prompt -> tokens -> embeddings -> noise -> sampler loop -> VAE decode -> images.
 
+img2img and inpainting share that flow and change where it starts (`Pipeline._start`): the init
+image is VAE-encoded and noised to the sigma that `strength` selects, and the sampler runs the
+rest of the plan (`schedules.strength_tail`), as diffusers' StableDiffusionImg2ImgPipeline and
+StableDiffusionInpaintPipeline do. Inpainting feeds a 9-channel U-Net the mask and the masked
+image's latents (`Denoiser.extra_channels`) and keeps the init image outside the mask for a
+4-channel one (`KeepUnmasked`).
+
 `Pipeline.load(folder)` opens the graphs once; each call validates a `GenerationConfig` before any
 work and runs the steps below in order, each a small function with its shapes in the docstring.
-The seed used (chosen at random when none is given) is recorded on every image as
+Image k of a batch draws its noise from seed + k (`noise.noise_source`), so it can be made again
+alone; that seed (the first one chosen at random when none is given) is recorded on the image as
 `image.info["seed"]`, with the image's position in the batch as `image.info["batch_index"]`.
 
 A progress `callback(step, sigma, latents)` runs after every sampler step; returning `False` (not
@@ -21,25 +29,27 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdonnx.errors import InputError, SdonnxError
-from sdonnx.runtime.denoiser import Denoiser
-from sdonnx.runtime.images import check_finite, decode
+from sdonnx.errors import InputError, ModelError, SdonnxError
+from sdonnx.runtime.denoiser import Denoise, Denoiser, KeepUnmasked
+from sdonnx.runtime.images import check_finite, decode, default_size, encode, image_pixels, mask_pixels, open_image
 from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.model import ModelFolder
+from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
+from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT, apply_weights, tokenize_prompt
 from sdonnx.runtime.providers import RuntimeOptions
-from sdonnx.runtime.samplers import SAMPLERS
-from sdonnx.runtime.samplers import sample as run_sampler
-from sdonnx.runtime.schedules import SCHEDULES, Sigmas, make_sigmas
+from sdonnx.runtime.samplers import SAMPLERS, get_sampler
+from sdonnx.runtime.schedules import SCHEDULES, Sigmas, make_sigmas, strength_tail
 from sdonnx.runtime.session import Session
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
-RNGS = ("torch", "numpy")
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
+IMG2IMG_STRENGTH = 0.8  # diffusers' default: keeps the composition, redraws the detail
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
 StepCallback = Callable[[int, float, np.ndarray], "bool | None"]
+ImageInput = Image.Image | Path | str  # a PIL image or the path of an image file
 
 
 class GenerationCancelled(SdonnxError):
@@ -91,6 +101,28 @@ class GenerationConfig:
             raise InputError("schedule", self.schedule, f"one of {sorted(SCHEDULES)}")
 
 
+@dataclass(frozen=True)
+class InitImage:
+    """img2img / inpainting input at the generation size: pixels float32 [1, 3, H, W] in [-1, 1];
+    mask float32 [1, 1, H, W] of 0/1 (1 = repaint), None for img2img."""
+
+    pixels: np.ndarray
+    mask: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the sampler starts: x [B, C, h, w] in k-space, and what inpainting adds to the run.
+
+    extra_channels: for a 9-channel U-Net, mask || masked-image latents [B, 1 + C, h, w].
+    keep: for a 4-channel U-Net, the init latents kept outside the mask.
+    """
+
+    x: np.ndarray
+    extra_channels: np.ndarray | None = None
+    keep: KeepUnmasked | None = None
+
+
 def check_size(name: str, value: object, multiple: int) -> None:
     """InputError unless `value` is a positive multiple of `multiple`."""
     if not _is_int(value) or value <= 0 or value % multiple:
@@ -110,11 +142,11 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: Path | str, provider: str = "auto", *, progress: bool = True, **options) -> Pipeline:
-        """Open the text encoder, U-Net and VAE decoder of `path`.
+        """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
 
         options: RuntimeOptions' other fields (threads, graph_optimization, memory_arena, device_id).
         """
-        model = ModelFolder.load(path, RuntimeOptions(provider=provider, **options))
+        model = ModelFolder.load(path, RuntimeOptions(provider=provider, **options), optional=("vae_encoder",))
         tokenizer = ClipTokenizer.from_folder(model.tokenizer_dir, model.manifest.tokenizer_max_length)
         return cls(model, tokenizer, progress=progress)
 
@@ -139,39 +171,185 @@ class Pipeline:
         config = GenerationConfig(prompt, negative_prompt or "", **settings)
         return self.generate(config, latents=latents, callback=callback)
 
+    def img2img(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        image: ImageInput,
+        strength: float = IMG2IMG_STRENGTH,
+        latents: np.ndarray | None = None,
+        callback: StepCallback | None = None,
+        **settings,
+    ) -> list[Image.Image]:
+        """Repaint `image` (a PIL image or an image file, any mode) after `prompt`.
+
+        strength in [0, 1]: how much of the plan runs; the image is noised to the sigma where the last
+        int(steps * strength) steps begin. height/width default to the image's size rounded down to
+        a multiple of 8; an image of another size is resized (Lanczos, with a warning).
+        latents: the unit noise added to the encoded image [batch, C, height/f, width/f].
+        """
+        config = GenerationConfig(prompt, negative_prompt or "", strength=strength, **settings)
+        return self.generate(config, image=image, latents=latents, callback=callback)
+
+    def inpaint(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        image: ImageInput,
+        mask: ImageInput,
+        strength: float = 1.0,
+        latents: np.ndarray | None = None,
+        callback: StepCallback | None = None,
+        **settings,
+    ) -> list[Image.Image]:
+        """Repaint the white part of `mask` in `image` after `prompt`; the rest stays the image's.
+
+        mask: any mode, converted to grayscale and binarized at 0.5; it must be the image's size.
+        A 9-channel (inpainting) U-Net sees the mask and the masked image; a regular 4-channel one
+        gets the image blended back outside the mask at every step. strength 1 starts from pure noise.
+        Otherwise as img2img.
+        """
+        config = GenerationConfig(prompt, negative_prompt or "", strength=strength, **settings)
+        return self.generate(config, image=image, mask=mask, latents=latents, callback=callback)
+
     def generate(
         self,
         config: GenerationConfig,
         *,
+        image: ImageInput | None = None,
+        mask: ImageInput | None = None,
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """Run `config`; see __call__ for `latents` and `callback`."""
+        """Run `config`: text to image; with `image`, img2img; with `image` and `mask`, inpainting.
+
+        See __call__ for `latents` and `callback`, img2img and inpaint for `image` and `mask`.
+        """
         m, sessions = self.manifest, self.model.sessions
-        height, width = config.height or m.default_image_size, config.width or m.default_image_size
+        self._check_mode(image, mask)
+        opened = open_image(image, "image") if image is not None else None
+        default = default_size(opened, m.vae_downsample) if opened else (m.default_image_size,) * 2
+        height, width = config.height or default[0], config.width or default[1]
         check_size("height", height, m.vae_downsample)
         check_size("width", width, m.vae_downsample)
+        init = read_init(opened, mask, height, width) if opened else None
         plan = make_sigmas(m.schedule, config.steps, sampler=config.sampler, kind=config.schedule)
+        if init is not None:
+            plan = strength_tail(plan, config.strength)
         seed = config.seed if config.seed is not None else secrets.randbelow(2**32)  # short enough to retype
-        rng = noise_source(seed)
+        rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         shape = (config.batch, m.latent_channels, height // m.vae_downsample, width // m.vae_downsample)
-        noise = initial_noise(shape, rng, latents)
-
-        context_dtype = sessions["unet"].input("encoder_hidden_states").dtype
-        cond = encode_prompt(sessions["text_encoder"], self.tokenizer, config.prompt, config.batch, context_dtype)
-        uncond = (  # guidance <= 1 never runs the unconditional half
-            encode_prompt(sessions["text_encoder"], self.tokenizer, config.negative_prompt, config.batch, context_dtype)
-            if config.guidance > 1
-            else None
-        )
-        latent = self._sample(self._denoiser(cond, uncond, plan, config), plan, noise, rng, callback)
+        cond, uncond = self._embeddings(config)  # first: a prompt over the length limit fails before any image work
+        start = self._start(init, config.strength, shape, plan, rng, latents)
+        denoise = self._denoiser(cond, uncond, plan, config, start.extra_channels)
+        if start.keep is not None:
+            denoise = start.keep.wrap(denoise)
+        latent = self._sample(denoise, plan, start.x, rng, callback)
+        if start.keep is not None:
+            latent = start.keep.final(latent)
         check_finite(latent, sessions["unet"], "out_sample")
         images = decode(sessions["vae_decoder"], latent, m)
         for index, image in enumerate(images):
-            image.info.update(seed=seed, batch_index=index)
+            image.info.update(seed=seed + index, batch_index=index)
         return images
 
-    def _denoiser(self, cond: np.ndarray, uncond: np.ndarray, plan: Sigmas, config: GenerationConfig) -> Denoiser:
+    def _embeddings(self, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray | None]:
+        """cond [B, k*77, D] and uncond (None when guidance <= 1: the unconditional half never runs)."""
+        text_encoder = self.model.sessions["text_encoder"]
+        dtype = self.model.sessions["unet"].input("encoder_hidden_states").dtype
+        guided = config.guidance > 1
+        cond = encode_prompt(
+            text_encoder, self.tokenizer, config.prompt, config.batch, dtype,
+            clip_skip=config.clip_skip, pad_to=config.negative_prompt if guided else None,
+        )
+        if not guided:
+            return cond, None
+        uncond = encode_prompt(
+            text_encoder, self.tokenizer, config.negative_prompt, config.batch, dtype,
+            clip_skip=config.clip_skip, pad_to=config.prompt, field="negative_prompt",
+        )
+        return cond, uncond
+
+    def _check_mode(self, image: ImageInput | None, mask: ImageInput | None) -> None:
+        """The request must suit the U-Net: a 9-channel (inpainting) U-Net only inpaints."""
+        if mask is not None and image is None:
+            raise InputError("image", None, "an init image to go with the mask")
+        if self._inpainting_unet and mask is None:
+            raise InputError(
+                "mask", None, "an init image and a mask: this is an inpainting model (its U-Net takes "
+                f"{self.manifest.unet_in_channels} input channels); use Pipeline.inpaint, or --init-image with --mask"
+            )
+
+    @property
+    def _inpainting_unet(self) -> bool:
+        """True for a U-Net that takes latents || mask || masked-image latents, False for a plain one."""
+        m = self.manifest
+        if m.unet_in_channels not in (m.latent_channels, 2 * m.latent_channels + 1):
+            raise ModelError(
+                f"{self.model.root}: the U-Net takes {m.unet_in_channels} input channels, expected "
+                f"{m.latent_channels} (latents) or {2 * m.latent_channels + 1} (inpainting)"
+            )
+        return m.unet_in_channels != m.latent_channels
+
+    def _start(
+        self,
+        init: InitImage | None,
+        strength: float,
+        shape: tuple[int, ...],
+        plan: Sigmas,
+        rng: NoiseSource,
+        latents: np.ndarray | None,
+    ) -> Start:
+        """Starting x [B, C, h, w] (`shape`, k-space) and the inpainting inputs.
+
+        Draws from `rng` in diffusers' order: the init image's encoder sample (when it is used),
+        the unit noise (or the caller's `latents`), the masked image's encoder sample (inpainting).
+        img2img always starts from the image noised to plan.sigmas[0]; inpainting at strength 1
+        from pure noise, as diffusers' pipelines do.
+        """
+        if init is None:
+            return Start(initial_noise(shape, rng, latents) * plan.noise_scale)
+        batch, inpainting_unet = shape[0], self._inpainting_unet
+        image_latents = None
+        if init.mask is None or not inpainting_unet or strength < 1:
+            image_latents = self._encode(init.pixels, rng, batch)
+        noise = initial_noise(shape, rng, latents)
+        if init.mask is not None and strength == 1:
+            x = noise * plan.noise_scale
+        else:
+            x = image_latents + float(plan.sigmas[0]) * noise
+        if init.mask is None:
+            return Start(x)
+        factor = self.manifest.vae_downsample
+        mask = np.repeat(init.mask[:, :, ::factor, ::factor], batch, axis=0)  # torch's "nearest" interpolate
+        if inpainting_unet:
+            masked_latents = self._encode(init.pixels * (1 - init.mask), rng, batch)
+            return Start(x, extra_channels=np.concatenate([mask, masked_latents], axis=1))
+        # diffusers samples the masked image's latents for a 4-channel U-Net too, which ignores them:
+        # the draw is made (and not used) so that the samplers' later draws stay in step with its.
+        rng.standard_normal(shape)
+        return Start(x, keep=KeepUnmasked(image_latents, noise, mask, plan.sigmas))
+
+    def _encode(self, pixels: np.ndarray, rng: NoiseSource, batch: int) -> np.ndarray:
+        """pixels [1, 3, H, W] -> latents [batch, C, H/f, W/f], one encoder sample per image."""
+        encoder = self.model.sessions.get("vae_encoder")
+        if encoder is None:
+            raise ModelError(
+                f"{self.model.root}: no vae_encoder graph, which img2img and inpainting need "
+                "(`sdonnx export` writes one)"
+            )
+        return encode(encoder, pixels, self.manifest, rng, batch)
+
+    def _denoiser(
+        self,
+        cond: np.ndarray,
+        uncond: np.ndarray,
+        plan: Sigmas,
+        config: GenerationConfig,
+        extra_channels: np.ndarray | None,
+    ) -> Denoiser:
         unet = self.model.sessions["unet"]
 
         def run_unet(sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
@@ -188,17 +366,19 @@ class Pipeline:
             guidance_rescale=config.guidance_rescale,
             sample_dtype=unet.input("sample").dtype,
             plan=plan,
+            extra_channels=extra_channels,
         )
 
     def _sample(
         self,
-        denoiser: Denoiser,
+        denoise: Denoise,
         plan: Sigmas,
-        noise: np.ndarray,
+        x: np.ndarray,
         rng: NoiseSource,
         callback: StepCallback | None,
     ) -> np.ndarray:
-        """noise float32 [B, C, h, w] -> the denoised latent [B, C, h, w] (before 1/scaling_factor)."""
+        """Starting x float32 [B, C, h, w] (k-space) -> the denoised latent [B, C, h, w] (before
+        1/scaling_factor), x_0 * plan.latent_scale as `samplers.sample` returns it."""
         with tqdm(total=plan.steps, disable=not self.progress, unit="step", leave=False) as bar:
 
             def on_step(info: dict) -> None:
@@ -206,18 +386,64 @@ class Pipeline:
                 if callback is not None and callback(info["i"], info["sigma"], info["x"]) is False:
                     raise GenerationCancelled(f"cancelled by the step callback at step {info['i'] + 1} of {plan.steps}")
 
-            return run_sampler(plan, denoiser, noise, rng=rng, callback=on_step)
+            sampler = get_sampler(plan.sampler)
+            return sampler(denoise, x, plan.sigmas, rng=rng, callback=on_step) * plan.latent_scale
 
 
-def encode_prompt(text_encoder: Session, tokenizer: ClipTokenizer, prompt: str, batch: int, dtype: str) -> np.ndarray:
-    """prompt -> last_hidden_state [batch, L, D] in `dtype`, read-only (identical for every step).
+def encode_prompt(
+    text_encoder: Session,
+    tokenizer: ClipTokenizer,
+    prompt: str,
+    batch: int,
+    dtype: str,
+    *,
+    clip_skip: int = 1,
+    pad_to: str | None = None,
+    field: str = "prompt",
+) -> np.ndarray:
+    """prompt -> embeddings [batch, k * L, D] in `dtype`, read-only (identical for every step).
 
-    The prompt is encoded `batch` times in one run, so a graph exported with a fixed batch works too.
+    The prompt's k chunks of L = tokenizer.max_length tokens (prompts.py: long prompts, attention
+    weights, BREAK) are encoded once and the result repeated `batch` times. pad_to: the other prompt
+    of the classifier-free-guidance pair; empty chunks are appended until this one has at least as
+    many chunks, since the U-Net runs both halves in one batch. clip_skip: A1111's convention, 1 = the
+    last layer; n > 1 reads the graph's `clip_skip_n` output (final_layer_norm(hidden_states[-n])).
+    field: the GenerationConfig field `prompt` comes from, named in errors (pad_to's errors name the other).
     """
-    input_ids = tokenizer([prompt] * batch).astype(text_encoder.input("input_ids").dtype)
-    embeddings = text_encoder.run(input_ids=input_ids)["last_hidden_state"].astype(dtype)
+    chunks = tokenize_prompt(tokenizer, prompt, field=field)
+    if pad_to is not None:
+        other = "negative_prompt" if field == "prompt" else "prompt"
+        chunks = chunks.padded(len(tokenize_prompt(tokenizer, pad_to, field=other)), tokenizer)
+    output = "last_hidden_state" if clip_skip == 1 else CLIP_SKIP_OUTPUT.format(clip_skip)
+    if output not in text_encoder.output_names:
+        raise ModelError(
+            f"{text_encoder.path}: clip_skip={clip_skip} needs the text encoder output {output!r}, which this "
+            f"graph lacks (outputs: {text_encoder.output_names}); re-export the model with `sdonnx export`"
+        )
+    embeddings = apply_weights(_run_in_batches(text_encoder, chunks.ids, output), chunks.weights)
+    k, length, width = embeddings.shape
+    joined = embeddings.reshape(1, k * length, width)
+    embeddings = np.broadcast_to(joined, (batch, k * length, width)).astype(dtype)
     embeddings.flags.writeable = False
     return embeddings
+
+
+def _run_in_batches(text_encoder: Session, ids: np.ndarray, output: str) -> np.ndarray:
+    """input_ids [N, L] -> `output` float32 [N, L, D]: one run, or runs of the graph's batch when that is fixed."""
+    spec = text_encoder.input("input_ids")
+    size = spec.shape[0] if isinstance(spec.shape[0], int) else len(ids)
+    # A fixed batch is filled up with copies of the last chunk, whose outputs are dropped.
+    filled = np.pad(ids, ((0, -len(ids) % size), (0, 0)), mode="edge").astype(spec.dtype)
+    runs = [text_encoder.run(input_ids=group)[output] for group in np.split(filled, len(filled) // size)]
+    return np.concatenate(runs)[: len(ids)].astype(np.float32)
+
+
+def read_init(image: Image.Image, mask: ImageInput | None, height: int, width: int) -> InitImage:
+    """The opened init image and the mask (opened here) at height x width, as diffusers preprocesses them."""
+    pixels = image_pixels(image, height, width)
+    if mask is None:
+        return InitImage(pixels)
+    return InitImage(pixels, mask_pixels(open_image(mask, "mask"), image, height, width))
 
 
 def initial_noise(shape: tuple[int, ...], rng: NoiseSource, latents: np.ndarray | None) -> np.ndarray:

@@ -11,6 +11,9 @@ x = latent_vp / alpha = x0 + sigma * eps. A plan (`Sigmas`) carries what the pip
 
 (`samplers.sample(plan, denoise, noise, ...)` does the last three lines.)
 
+img2img and inpainting run the tail of the plan that `strength` selects (`strength_tail`), starting
+from x = init_latent + sigmas[0] * noise, diffusers' add_noise in k-space for every scheduler.
+
 Each diffusers scheduler picks its own timesteps, and the plan reproduces those choices, quirks
 included: the Euler family's initial noise is sqrt(sigma_max^2 + 1) for "leading" spacing but sigma_max
 for "linspace"/"trailing"; DDIM/PNDM/DDPM/LCM/UniPC/DPM-Solver start from unit noise in VP space
@@ -28,7 +31,7 @@ configs' spacing, and "trailing" with steps dividing T match diffusers).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import Callable
 
@@ -249,3 +252,18 @@ def make_sigmas(schedule: TrainingSchedule, steps: int, *, sampler: str, kind: s
     if not integer or not 1 <= steps <= schedule.num_train_timesteps:
         raise InputError("steps", steps, f"an integer from 1 to {schedule.num_train_timesteps}")
     return PLANS[sampler](schedule, int(steps), kind, sampler)
+
+
+def strength_tail(plan: Sigmas, strength: float) -> Sigmas:
+    """The last int(steps * strength) steps of `plan`, cut where diffusers' img2img and inpainting
+    pipelines cut their scheduler's timesteps (get_timesteps, then set_begin_index).
+
+    The tail starts at sigmas[0] = the noise level the init image is noised to; noise_scale and
+    latent_scale carry over unchanged. The sampler runs it as a fresh plan: diffusers' LMS and PNDM
+    instead carry state over the cut (LMS's order, PNDM's repeated timestep), which is not reproduced.
+    """
+    steps = min(int(plan.steps * strength), plan.steps)
+    if steps < 1:
+        raise InputError("strength", strength, f"at least 1/{plan.steps}, so that steps * strength makes one step")
+    start = plan.steps - steps
+    return replace(plan, sigmas=plan.sigmas[start:], timesteps=plan.timesteps[start:])
