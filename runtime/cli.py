@@ -3,6 +3,8 @@
 Flags map one to one onto GenerationConfig and RuntimeOptions fields; a flag left out keeps the
 field's default. Every argument is checked before the model loads, and images are written to a
 temporary file then renamed, so an error or Ctrl-C never leaves a partial PNG behind.
+Each PNG carries its A1111-style `parameters` text (`metadata`); `--from-png FILE` reads those
+settings back, and flags given on the command line override them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ import argparse
 import dataclasses
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, UnidentifiedImageError
 
 from sdonnx.errors import InputError
+from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder
-from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
+from sdonnx.runtime.pipeline import IMG2IMG_STRENGTH, RNGS, GenerationConfig, Pipeline
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.samplers import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
@@ -29,7 +31,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `generate` and `info` to the `sdonnx` command."""
     generate = subparsers.add_parser("generate", help="generate images from a prompt", description=_generate.__doc__)
-    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument("-m", "--model", required=True, help="model folder (sdonnx export or optimum export)")
     generate.add_argument("-n", "--negative-prompt", help="what the image should not show")
     generate.add_argument("--steps", type=int, help=f"sampler steps (default {_DEFAULTS['steps']})")
@@ -40,7 +42,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     generate.add_argument("--size", metavar="WxH", help="image size, e.g. 512x512 (default: the model's native size)")
-    generate.add_argument("--batch", type=int, help="images to generate (default 1)")
+    generate.add_argument("--batch", type=int, help="images to generate; image k uses seed + k (default 1)")
+    generate.add_argument(
+        "--rng", choices=RNGS,
+        help="noise generator: torch (the noise of torch.manual_seed on CPU, as diffusers and A1111's CPU RNG) "
+        "or numpy (default torch)",
+    )
+    generate.add_argument("--clip-skip", type=int, help="text encoder layer from the end, as A1111 counts (default 1)")
+    generate.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image (img2img, inpaint)")
+    generate.add_argument("--mask", type=Path, metavar="PATH", help="inpaint where this is white (needs --init-image)")
+    generate.add_argument(
+        "--strength", type=float,
+        help=f"with --init-image: the share of the steps that runs, 0..1 (default {IMG2IMG_STRENGTH} for img2img, "
+        f"{_DEFAULTS['strength']} with --mask)",
+    )
+    generate.add_argument(
+        "--from-png", type=Path, metavar="FILE",
+        help="re-run the settings in FILE's parameters text (sdonnx or A1111); other flags override them",
+    )
     generate.add_argument(
         "-o", "--output", default="image.png", help="PNG path; with --batch N: NAME-1.png ... (default image.png)"
     )
@@ -80,7 +99,31 @@ def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
 
 def _generate(args: argparse.Namespace) -> int:
     """Generate images from a prompt and write them as PNG files."""
-    settings = {
+    config = _config(args)
+    init_image, mask = _checked_image("init_image", args.init_image), _checked_image("mask", args.mask)
+    if mask is not None and init_image is None:
+        raise InputError("mask", str(mask), "--init-image too (the image to inpaint)")
+    outputs = output_paths(Path(args.output), config.batch)
+
+    options = dataclasses.asdict(_runtime_options(args))
+    pipe = Pipeline.load(args.model, options.pop("provider"), progress=not args.quiet, **options)
+    images = pipe.generate(config, image=init_image, mask=mask)  # img2img with an image, inpainting with a mask
+    if config.seed is None:
+        print(f"seed: {images[0].info['seed']}")
+    for image, path in zip(images, outputs):
+        write_png(image, path, format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model))
+        if not args.quiet:
+            print(f"wrote {path}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> GenerationConfig:
+    """The flags as a GenerationConfig, over the settings of --from-png's file when given."""
+    fields = parse_parameters(read_parameters(args.from_png)) if args.from_png is not None else {}
+    if args.init_image is None:
+        fields.pop("strength", None)  # an img2img PNG re-run without its init image is a text-to-image run
+    flags = {
+        "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "steps": args.steps,
         "guidance": args.guidance,
@@ -89,23 +132,30 @@ def _generate(args: argparse.Namespace) -> int:
         "schedule": args.schedule,
         "seed": args.seed,
         "batch": args.batch,
+        "rng": args.rng,
+        "clip_skip": args.clip_skip,
+        "strength": args.strength,
     }
     if args.size is not None:
-        settings["width"], settings["height"] = parse_size(args.size)
-    config = GenerationConfig(args.prompt, **{k: v for k, v in settings.items() if v is not None})
-    outputs = output_paths(Path(args.output), config.batch)
+        flags["width"], flags["height"] = parse_size(args.size)
+    fields |= {k: v for k, v in flags.items() if v is not None}
+    if args.init_image is not None and args.mask is None:
+        fields.setdefault("strength", IMG2IMG_STRENGTH)  # as Pipeline.img2img: strength 1 would ignore the image
+    if "prompt" not in fields:
+        raise InputError("prompt", None, "a prompt, or --from-png FILE")
+    return GenerationConfig(**fields)
 
-    options = dataclasses.asdict(_runtime_options(args))
-    pipe = Pipeline.load(args.model, options.pop("provider"), progress=not args.quiet, **options)
-    images = pipe.generate(config)
-    seed = images[0].info["seed"]
-    if config.seed is None:
-        print(f"seed: {seed}")
-    for image, path in zip(images, outputs):
-        write_png(image, path, _parameters(config, seed))
-        if not args.quiet:
-            print(f"wrote {path}")
-    return 0
+
+def _checked_image(name: str, path: Path | None) -> Path | None:
+    """`path` if it is a readable image (checked before the model loads), else InputError."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise InputError(name, str(path), f"a readable image file ({e})") from None
+    return path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -156,23 +206,3 @@ def output_paths(path: Path, batch: int) -> list[Path]:
     if batch == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, batch + 1)]
-
-
-def write_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write `image` to `path` atomically: a temporary file beside it, then a rename."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-
-
-def _parameters(config: GenerationConfig, seed: int) -> str:
-    """The settings that reproduce an image, stored in its PNG text."""
-    fields = dataclasses.asdict(config) | {"seed": seed}
-    return "; ".join(f"{k}: {v}" for k, v in fields.items())

@@ -458,7 +458,7 @@ def test_generate_is_seeded_and_records_the_seed(pipe):
     first = pipe("a red cube", steps=3, seed=7, batch=2)
     m = pipe.manifest
     assert [image.size for image in first] == [(m.default_image_size, m.default_image_size)] * 2
-    assert [image.info for image in first] == [{"seed": 7, "batch_index": 0}, {"seed": 7, "batch_index": 1}]
+    assert [image.info for image in first] == [{"seed": 7, "batch_index": 0}, {"seed": 8, "batch_index": 1}]
     np.testing.assert_array_equal(pixels(pipe("a red cube", steps=3, seed=7, batch=2)), pixels(first))
     assert not np.array_equal(pixels(first)[0], pixels(first)[1])
     assert not np.array_equal(pixels(pipe("a red cube", steps=3, seed=8)), pixels(first)[:1])
@@ -547,7 +547,7 @@ def test_cli_generate_writes_pngs(optimum_fixture, tmp_path, capsys):
     seed = int(capsys.readouterr().out.split("seed: ")[1].split()[0])
     with Image.open(out) as image:
         assert image.size == (48, 32)
-        assert f"seed: {seed}" in image.text["parameters"]
+        assert f"Seed: {seed}," in image.text["parameters"]
     assert [p.name for p in tmp_path.iterdir()] == ["cat.png"]  # no temporary file left
 
     run_cli("generate", "a cat", "-m", model, "--steps", "1", "--batch", "2", "--seed", "4", "-o", str(out), "-q")

@@ -1,0 +1,214 @@
+"""PNG metadata: the A1111-style `parameters` text that lets an image be made again.
+
+The text is A1111's "infotext", which other tools read too:
+
+    a red cube on a table
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512, ...
+
+Sampler and schedule use A1111's display names where it has one (`SAMPLER_NAMES`, `SCHEDULE_NAMES`);
+A1111 files of either era parse ("DPM++ 2M Karras", or "DPM++ 2M" plus "Schedule type: Karras").
+Optional fields at their default are left out as A1111 does; a missing field reads back as the default.
+Image k of a batch records its own seed, S + k, which regenerates it alone (see `noise`).
+
+sdonnx writes A1111's "RNG: CPU" for its torch-compatible generator (A1111's CPU noise source is
+that same generator) and "RNG: NumPy" for NumPy's; an A1111 file without "RNG" was made with GPU
+noise, which sdonnx cannot replay, and reads back as the torch generator (same seed, other noise).
+
+Model hash: A1111 writes the first 10 hex digits of the checkpoint's sha256. An ONNX folder has no
+checkpoint, so sdonnx hashes what identifies its weights without reading gigabytes: the sha256 of
+the U-Net's file hashes as manifest.json records them ("path sha256" lines, sorted), first 10 hex
+digits. A folder without manifest.json (an optimum export) gets no Model hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from sdonnx import __version__
+from sdonnx.errors import InputError
+from sdonnx.runtime.model import ModelFolder
+from sdonnx.runtime.pipeline import GenerationConfig
+
+PNG_KEY = "parameters"
+SAMPLER_NAMES = {
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a",
+    "lms": "LMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "plms": "PLMS",
+    "unipc": "UniPC",
+    "lcm": "LCM",
+    "ddpm": "DDPM",
+}
+SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
+RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
+_SAMPLERS_BY_NAME = {name: sampler for sampler, name in SAMPLER_NAMES.items() if sampler != "pndm"}
+_SCHEDULES_BY_NAME = {name: schedule for schedule, name in SCHEDULE_NAMES.items()}
+_RNGS_BY_NAME = {name: rng for rng, name in RNG_NAMES.items()}
+# One "Key: value" of the settings line; a value with commas or colons is JSON-quoted (A1111's re_param).
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+_NUMBERS = (  # (key, GenerationConfig field, type)
+    ("Steps", "steps", int),
+    ("CFG scale", "guidance", float),
+    ("Seed", "seed", int),
+    ("Denoising strength", "strength", float),
+    ("Clip skip", "clip_skip", int),
+    ("Guidance rescale", "guidance_rescale", float),
+)
+
+
+def format_parameters(
+    config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None
+) -> str:
+    """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height)."""
+    fields: dict[str, object] = {
+        "Steps": config.steps,
+        "Sampler": SAMPLER_NAMES[config.sampler],
+        "Schedule type": SCHEDULE_NAMES[config.schedule] if config.schedule != "default" else None,
+        "CFG scale": _number(config.guidance),
+        "Seed": seed,
+        "Size": f"{size[0]}x{size[1]}",
+    }
+    if model is not None:
+        fields |= {"Model hash": model_hash(model), "Model": model.root.name}
+    fields |= {
+        "Denoising strength": _number(config.strength) if config.strength != 1.0 else None,
+        "Clip skip": config.clip_skip if config.clip_skip != 1 else None,
+        "RNG": RNG_NAMES[config.rng],
+        "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
+    }
+    if model is not None:
+        fields |= {
+            "Provider": model.sessions["unet"].providers[0],
+            "Precision": model.manifest.graphs["unet"].precision,
+        }
+    fields["Version"] = f"sdonnx {__version__}"
+    settings = ", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items() if value is not None)
+    negative = f"\n{_NEGATIVE} {config.negative_prompt}" if config.negative_prompt else ""
+    return f"{config.prompt}{negative}\n{settings}"
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """A `parameters` text (sdonnx's or A1111's) -> GenerationConfig fields; unknown keys are ignored.
+
+    InputError for a value sdonnx cannot honour (a sampler it lacks, a malformed number).
+    """
+    lines = text.strip().split("\n")
+    settings = lines.pop() if len(_PARAM.findall(lines[-1])) >= 3 else ""
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.startswith(_NEGATIVE):
+            negative = [line[len(_NEGATIVE):].strip()]
+        else:
+            (prompt if negative is None else negative).append(line)
+    raw = {key.strip(): _unquote(value) for key, value in _PARAM.findall(settings)}
+    fields: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative or []).strip()}
+    if "Sampler" in raw:
+        fields["sampler"], schedule = _sampler(raw["Sampler"])
+        if schedule is not None:
+            fields["schedule"] = schedule
+    if raw.get("Schedule type") is not None:
+        fields["schedule"] = _lookup("Schedule type", raw["Schedule type"], _SCHEDULES_BY_NAME)
+    if "RNG" in raw:
+        fields["rng"] = _lookup("RNG", raw["RNG"], _RNGS_BY_NAME)
+    if "Size" in raw:
+        match = re.fullmatch(r"(\d+)x(\d+)", raw["Size"])
+        if match is None:
+            raise InputError("parameters: Size", raw["Size"], "WIDTHxHEIGHT")
+        fields["width"], fields["height"] = int(match[1]), int(match[2])
+    for key, field, kind in _NUMBERS:
+        if key in raw:
+            try:
+                fields[field] = kind(raw[key])
+            except ValueError:
+                raise InputError(f"parameters: {key}", raw[key], "an integer" if kind is int else "a number") from None
+    return fields
+
+
+def model_hash(model: ModelFolder) -> str | None:
+    """10 hex digits naming the U-Net's weights (see the module docstring); None without a manifest."""
+    unet_dir = PurePosixPath(model.manifest.graphs["unet"].path).parent
+    files = model.manifest.files.items()
+    lines = sorted(f"{path} {digest}" for path, digest in files if PurePosixPath(path).parent == unet_dir)
+    if not lines:
+        return None
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
+
+
+def read_parameters(path: Path) -> str:
+    """The `parameters` text of the PNG at `path`; InputError if it is no image or has none."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {}).get(PNG_KEY)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError("from_png", str(path), f"a readable PNG file ({e})") from None
+    if not text or not text.strip():
+        raise InputError("from_png", str(path), f"a PNG with a {PNG_KEY!r} text chunk (sdonnx and A1111 write one)")
+    return text
+
+
+def write_png(image: Image.Image, path: Path, parameters: str) -> None:
+    """Write `image` with its `parameters` text to `path` atomically: a temporary file, then a rename."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, parameters)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _sampler(name: str) -> tuple[str, str | None]:
+    """"DPM++ 2M Karras" -> ("dpmpp_2m", "karras"); a name without a suffix -> (sampler, None)."""
+    if name in _SAMPLERS_BY_NAME:
+        return _SAMPLERS_BY_NAME[name], None
+    base, _, suffix = name.rpartition(" ")
+    if base in _SAMPLERS_BY_NAME and suffix in _SCHEDULES_BY_NAME:
+        return _SAMPLERS_BY_NAME[base], _SCHEDULES_BY_NAME[suffix]
+    return _lookup("Sampler", name, _SAMPLERS_BY_NAME), None
+
+
+def _lookup(key: str, value: str, names: dict[str, str]) -> str:
+    if value not in names:
+        raise InputError(f"parameters: {key}", value, f"one of {sorted(set(names))} (sdonnx has no other)")
+    return names[value]
+
+
+def _number(value: float) -> int | float:
+    """7.0 -> 7 and 7.5 -> 7.5, as A1111 writes numbers; no precision lost."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',\n:"') else value
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if value.startswith('"') and value.endswith('"') and len(value) > 1:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
