@@ -13,9 +13,10 @@ from __future__ import annotations
 import gc
 import importlib
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -34,6 +35,8 @@ INSTALL_HINT = 'pip install "sdonnx[export]"'
 # from 1.12, DirectML and mobile builds included; 14 is the floor for the attention export, 20 the
 # TorchScript exporter's ceiling.
 OPSETS = range(14, 21)
+# --dtype: fp32 is the export itself; the others are `sdonnx quantize` recipes of the same name.
+DTYPES = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class ExportConfig:
     quiet: bool = False
     min_psnr: float = 60.0  # per graph, dB against PyTorch; check.py explains the choice and its twin floor
     config: Path | None = None  # single-file only: the diffusers config folder to build the modules from
+    dtype: str = "fp32"  # fp16 | int8: export fp32, then quantize with the recipe of that name
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -70,6 +74,8 @@ class ExportConfig:
         # PSNR_CAP_DB stands for bit-identical outputs: a higher floor could never pass.
         if not isinstance(self.min_psnr, (int, float)) or not 0 < self.min_psnr <= PSNR_CAP_DB:
             raise InputError("min_psnr", self.min_psnr, f"a PSNR in dB above 0 and at most {PSNR_CAP_DB:g}")
+        if self.dtype not in DTYPES:
+            raise InputError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
 
 
 def export_model(config: ExportConfig) -> Manifest:
@@ -79,6 +85,8 @@ def export_model(config: ExportConfig) -> Manifest:
     parity check fails (OUT is then left as it was), SdonnxError when the export extras are missing.
     """
     _require_export_extras()
+    if config.dtype != "fp32":
+        return _export_quantized(config)
     from sdonnx.export import graphs
     from sdonnx.export.source import load_source
     from sdonnx.export.writer import staged_folder, write_pipeline_files
@@ -96,6 +104,25 @@ def export_model(config: ExportConfig) -> Manifest:
         manifest.write(folder)
     say.line(f"wrote {config.out}")
     return manifest
+
+
+def _export_quantized(config: ExportConfig) -> Manifest:
+    """Export fp32 into a hidden folder, then quantize it into OUT's staging folder, published as OUT.
+
+    OUT is checked before the export starts, and nothing appears there unless both steps complete.
+    """
+    from sdonnx.export.writer import staged_folder
+    from sdonnx.quantize import QuantizeConfig, quantize_model
+
+    with staged_folder(config.out, overwrite=config.overwrite) as stage:
+        with tempfile.TemporaryDirectory(dir=stage.parent, prefix=f".{config.out.name}.fp32.") as tmp:
+            fp32 = Path(tmp) / "fp32"
+            export_model(replace(config, out=fp32, dtype="fp32", overwrite=False))
+            # quantize_model stages beside `stage` as well and replaces the (empty) stage with its result.
+            recipe = QuantizeConfig(
+                model=str(fp32), out=stage, recipe=config.dtype, overwrite=True, quiet=config.quiet
+            )
+            return quantize_model(recipe)
 
 
 def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, say: _Progress) -> dict[str, dict]:

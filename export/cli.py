@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sdonnx.errors import InputError
-from sdonnx.export import OPSETS, ExportConfig, export_model
+from sdonnx.export import DTYPES, OPSETS, ExportConfig, export_model
 
 _DEFAULTS = {f.name: f.default for f in fields(ExportConfig)}
 _STATIC_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)$")
@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config", type=Path, default=None,
         help="single-file SOURCE only: diffusers config folder describing the checkpoint",
     )
+    parser.add_argument(
+        "--dtype", default=_DEFAULTS["dtype"], choices=DTYPES,
+        help="fp16 | int8: quantize the checked fp32 export with the `sdonnx quantize` recipe of that name "
+        "(default %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         min_psnr=args.min_psnr,
         config=args.config,
+        dtype=args.dtype,
     )
     export_model(config)
     return 0

@@ -139,6 +139,7 @@ class Manifest:
     versions: Mapping[str, str] = field(default_factory=dict)
     files: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
+    quantization: Mapping[str, Any] | None = None  # `sdonnx quantize`: recipe and calibration; None for fp32 exports
     format_version: int = FORMAT_VERSION
 
     @property
@@ -207,6 +208,7 @@ class Manifest:
             versions=r.get("versions", dict),
             files=r.get("files", dict),
             source=r.get("source", str),
+            quantization=r.get("quantization", dict, optional=True),
             format_version=version,
         )
 

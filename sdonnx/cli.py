@@ -16,6 +16,7 @@ from sdonnx.errors import SdonnxError
 
 def build_parser() -> argparse.ArgumentParser:
     from sdonnx.export import cli as export_cli
+    from sdonnx.quantize import cli as quantize_cli
     from sdonnx.runtime import cli as runtime_cli
 
     parser = argparse.ArgumentParser(
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export_cli.register(subparsers)
     runtime_cli.register(subparsers)
+    quantize_cli.register(subparsers)
     return parser
 
 

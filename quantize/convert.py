@@ -1,0 +1,220 @@
+"""One graph, one precision: ONNX Runtime's own converters, with the traps of SD graphs handled.
+
+- Graphs over protobuf's 2 GB limit (the SD 1.5 U-Net is 3.4 GB) are loaded with their external data
+  and handed to the quantizers as ModelProtos: ORT then runs shape inference on a copy in its own
+  temporary folder (saved with external data) instead of calling `infer_shapes` on the proto, which
+  fails past 2 GB, or writing a `-inferred` file into the source folder. The result is saved with
+  external data again. The passes that serialize the proto themselves (shape inference before fp16
+  conversion, which needs every tensor's type; the opset-21 upgrade that 16-bit activations need)
+  run on the graph without its weights, which works at any size, and the weights are loaded after.
+- CLIP's causal mask is a -inf constant (`Where(mask, -inf, scores)`); a calibrated range that
+  includes it has a NaN zero point. Static quantization only quantizes MatMul/Conv/Gemm inputs and
+  also excludes every node that reads a non-finite (or ±3e38-sized) constant.
+- Dynamic int8 uses uint8 weights (activations are uint8 either way): on AVX2-without-VNNI CPUs
+  u8u8 MatMulInteger was measured 2-5x faster than u8s8 (issue #6; not re-measured on VNNI).
+- Static QDQ: per-channel int8 weights, uint8 activations (uint16 for int8-static-a16).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+from onnxruntime.quantization import CalibrationDataReader
+
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA = "model.onnx_data"
+# Kept fp32 in fp16 graphs: softmax overflows in fp16 (SD 2.x attention -> black images), and the
+# normalizations' mean/variance lose too much range; besides ORT's default list of unsupported ops.
+FP16_KEEP_FP32 = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization", "Erf")
+DYNAMIC_OPS = {"int8": ("MatMul", "Conv", "Gemm"), "int8-matmul": ("MatMul", "Gemm")}
+STATIC_OPS = ("MatMul", "Conv", "Gemm")
+# Activation type of each static precision. 16-bit activations need ORT's com.microsoft Q/DQ below
+# opset 21; on the tiny U-Net they lift the check from 32 to 52 dB for a few more percent of file.
+STATIC_ACTIVATIONS = {"int8-static": "QUInt8", "int8-static-a16": "QUInt16"}
+HUGE = 1e30  # finfo(float32).min masks (transformers >= 4.3x) are as bad as -inf for calibration
+
+Feeds = Mapping[str, np.ndarray]
+
+
+def is_large(path: Path) -> bool:
+    """True when the graph keeps its weights in external data or its file exceeds protobuf's limit."""
+    if path.stat().st_size > PROTOBUF_LIMIT:
+        return True
+    model = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(t) for t in model.graph.initializer)
+
+
+def op_types(path: Path) -> set[str]:
+    """The operator types of a graph (weights are not read)."""
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def save(model: onnx.ModelProto, dst: Path, large: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+
+
+def to_fp16(src: Path, dst: Path, large: bool, **_) -> None:
+    """fp16 weights and math, fp32 IO (keep_io_types): the runtime's latents and embeddings stay fp32,
+    and the two boundary Casts cost nothing next to the graph."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = convert_float_to_float16(
+        _load(src, onnx.shape_inference.infer_shapes),
+        keep_io_types=True,
+        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32],
+        disable_shape_infer=True,
+    )
+    _drop_duplicate_nodes(model)
+    save(model, dst, large)
+
+
+def _load(src: Path, transform: Callable[[onnx.ModelProto], onnx.ModelProto]) -> onnx.ModelProto:
+    """Apply an onnx pass that serializes the model (shape inference, version conversion) to the graph
+    without its weights, which stays far below protobuf's 2 GB at any model size; then load the weights."""
+    model = transform(onnx.load(str(src), load_external_data=False))
+    load_external_data_for_model(model, str(src.parent))
+    return model
+
+
+def _to_opset_21(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's quantizer upgrades models below opset 21 for 16-bit activations itself, which fails past 2 GB."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    return model if opset >= 21 else onnx.version_converter.convert_version(model, 21)
+
+
+def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
+    """Remove exact copies of a node: float16.py inserts one fp32 Cast per blocked consumer of a
+    tensor under the same name, and two producers of one tensor make the graph invalid."""
+    seen: set[bytes] = set()
+    kept = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def int8_dynamic(src: Path, dst: Path, large: bool, *, precision: str, **_) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(
+        onnx.load(str(src)),
+        str(dst),
+        op_types_to_quantize=list(DYNAMIC_OPS[precision]),
+        weight_type=QuantType.QUInt8,
+        use_external_data_format=large,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def int8_static(src: Path, dst: Path, large: bool, *, precision: str, calibration: Sequence[Feeds], **_) -> None:
+    """QDQ with per-channel int8 weights and 8- or 16-bit activations whose ranges come from `calibration`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    activations = QuantType[STATIC_ACTIVATIONS[precision]]
+    wide = activations == QuantType.QUInt16
+    model = _load(src, _to_opset_21) if wide else onnx.load(str(src))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(
+        model,
+        str(dst),
+        _Reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(STATIC_OPS),
+        per_channel=True,
+        activation_type=activations,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=sorted(nonfinite_consumers(model)),
+        use_external_data_format=large,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"UseQDQContribOps": wide},
+    )
+
+
+def int4_weights(src: Path, dst: Path, large: bool, *, block_size: int, **_) -> None:
+    """MatMulNBits: symmetric 4-bit MatMul weights in blocks of `block_size` along K; fp32 activations."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True)
+    quantizer.process()
+    save(quantizer.model.model, dst, large)
+
+
+def copy_graph(src: Path, dst: Path, large: bool, **_) -> None:
+    save(onnx.load(str(src)), dst, large)
+
+
+CONVERTERS: dict[str, Callable[..., None]] = {
+    "fp32": copy_graph,
+    "fp16": to_fp16,
+    "int8": int8_dynamic,
+    "int8-matmul": int8_dynamic,
+    "int8-static": int8_static,
+    "int8-static-a16": int8_static,
+    "int4": int4_weights,
+}
+
+
+def convert_graph(precision: str, src: Path, dst: Path, *, block_size: int, calibration: Sequence[Feeds] = ()) -> None:
+    """Write `src` converted to `precision` at `dst` (with external data beside it when large)."""
+    with _quiet_ort_logging():
+        CONVERTERS[precision](
+            src, dst, is_large(src), precision=precision, block_size=block_size, calibration=calibration
+        )
+
+
+@contextmanager
+def _quiet_ort_logging() -> Iterator[None]:
+    """ORT's quantizers log generic advice and every skipped node (root logger, INFO) for each graph."""
+    loggers = [logging.getLogger(), logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def nonfinite_consumers(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that read a constant holding inf, NaN or a mask-sized value (|x| > 1e30)."""
+    bad = {t.name for t in model.graph.initializer if _nonfinite(t)}
+    bad |= {
+        out
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value" and _nonfinite(attr.t)
+        for out in node.output
+    }
+    return {node.name for node in model.graph.node if bad.intersection(node.input)}
+
+
+def _nonfinite(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        return False
+    values = numpy_helper.to_array(tensor).astype(np.float64)
+    return bool(values.size) and not bool(np.all(np.isfinite(values) & (np.abs(values) < HUGE)))
+
+
+class _Reader(CalibrationDataReader):
+    """Recorded feeds, one per calibration run."""
+
+    def __init__(self, feeds: Sequence[Feeds]):
+        self._feeds: Iterator[Feeds] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feeds = next(self._feeds, None)
+        return None if feeds is None else dict(feeds)
