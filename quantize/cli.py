@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import fields
 from pathlib import Path
 
-from sdonnx.quantize import QuantizeConfig, quantize_model
-from sdonnx.quantize.recipes import RECIPES
-
-_DEFAULTS = {f.name: f.default for f in fields(QuantizeConfig)}
+from sdonnx.errors import SdonnxError
+from sdonnx.quantize import INSTALL_HINT
+from sdonnx.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_CALIBRATION_STEPS, DEFAULT_RECIPE, RECIPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("out", metavar="OUT", type=Path, help="folder to create")
     # No argparse `choices`: QuantizeConfig names the known recipes in its own error.
     parser.add_argument(
-        "--recipe", default=_DEFAULTS["recipe"], help="%(default)s by default; one of " + ", ".join(RECIPES)
+        "--recipe", default=DEFAULT_RECIPE, help="%(default)s by default; one of " + ", ".join(RECIPES)
     )
     parser.add_argument(
-        "--block-size", type=int, default=_DEFAULTS["block_size"],
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
         help="int4: weights per scale along K, a power of two >= 16 (default %(default)s)",
     )
     parser.add_argument(
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="int8-static*: one prompt per line (default: a bundled list of 8)",
     )
     parser.add_argument(
-        "--calibration-steps", type=int, default=_DEFAULTS["calibration_steps"],
+        "--calibration-steps", type=int, default=DEFAULT_CALIBRATION_STEPS,
         help="int8-static*: sampler steps per prompt, each step's U-Net inputs recorded (default %(default)s)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -47,5 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the QuantizeConfig from parsed arguments (each dest is a field name) and quantize."""
+    for module in ("onnx", "onnx_ir"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise SdonnxError(f"sdonnx quantize needs onnx and onnx-ir ({module} is missing: {e}); "
+                              f"install them with: {INSTALL_HINT}") from None
+    from sdonnx.quantize.quantizer import QuantizeConfig, quantize_model
+
     quantize_model(QuantizeConfig(**{f.name: getattr(args, f.name) for f in fields(QuantizeConfig)}))
     return 0

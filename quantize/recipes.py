@@ -37,3 +37,5 @@ RECIPES: dict[str, Mapping[str, str]] = {
     "mixed": {"text_encoder": "int8", "unet": "int8-matmul", "vae_encoder": "fp32", "vae_decoder": "fp32"},
 }
 DEFAULT_RECIPE = "mixed"
+DEFAULT_BLOCK_SIZE = 128  # int4: weights per scale along K (MatMulNBits' own default)
+DEFAULT_CALIBRATION_STEPS = 4  # int8-static*: sampler steps per calibration prompt

@@ -1,7 +1,8 @@
-"""The runtime never imports torch, diffusers, transformers or optimum, not even lazily.
+"""The runtime never imports torch, diffusers, transformers, optimum or onnx, not even lazily.
 
-A fresh interpreter blocks them with a meta-path finder, imports every runtime module, loads the
-optimum fixture and generates an image. Any attempt to import a blocked package fails the test,
+A fresh interpreter blocks them with a meta-path finder, imports every runtime module, builds the
+whole `sdonnx` command line (export and quantize register their subcommands without their extras),
+loads the optimum fixture and generates an image. Any attempt to import a blocked package fails the test,
 including one that the importing code would have caught and survived.
 """
 
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ("torch", "diffusers", "transformers", "optimum")
+# onnx (and onnx-ir) belong to the export and quantize extras, not to `pip install sdonnx`.
+BLOCKED = ("torch", "diffusers", "transformers", "optimum", "onnx", "onnx_ir")
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,6 +36,8 @@ SCRIPT = textwrap.dedent(
     modules = [m.name for m in pkgutil.iter_modules(sdonnx.runtime.__path__)]
     for name in modules:
         importlib.import_module(f"sdonnx.runtime.{{name}}")
+    import sdonnx.cli
+    sdonnx.cli.build_parser().parse_args(["quantize", "in", "out"])
 
     pipe = sdonnx.Pipeline.load({fixture!r}, progress=False)
     images = pipe("a red cube", steps=2, seed=0, height=16, width=16)
