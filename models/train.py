@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from sdonnx.errors import InputError
 from sdonnx.models.draw import SPLITS, Scene, draw, sample_scene
 from sdonnx.models.judge import accuracy, judge
+from sdonnx.runtime.images import to_images
 
 STAGES = ("vae",)
 
@@ -82,12 +82,6 @@ def random_crops(pixels: np.ndarray, crop: int, rng: np.random.Generator) -> np.
     n, _, height, width = pixels.shape
     tops, lefts = rng.integers(0, height - crop + 1, n), rng.integers(0, width - crop + 1, n)
     return np.stack([image[:, t : t + crop, l : l + crop] for image, t, l in zip(pixels, tops, lefts)])
-
-
-def to_images(pixels: np.ndarray) -> list[Image.Image]:
-    """float [n, 3, H, W] in [-1, 1] -> n RGB images."""
-    rgb = np.clip(np.rint((pixels.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255).astype(np.uint8)
-    return [Image.fromarray(image) for image in rgb]
 
 
 def build_vae(config: TrainConfig):

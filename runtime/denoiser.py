@@ -95,6 +95,11 @@ class Denoiser:
         embeddings.flags.writeable = False
         return embeddings
 
+    @cached_property
+    def _extra_channels(self) -> np.ndarray:
+        """extra_channels in the U-Net's sample dtype, cast once: they are the same every step."""
+        return np.asarray(self.extra_channels).astype(self.sample_dtype)
+
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         batch = x.shape[0]
         if batch != np.shape(self.cond)[0]:
@@ -102,7 +107,7 @@ class Denoiser:
         c_in = 1 / math.sqrt(sigma**2 + 1)
         sample = (x * c_in).astype(self.sample_dtype)
         if self.extra_channels is not None:
-            sample = np.concatenate([sample, self.extra_channels.astype(self.sample_dtype)], axis=1)
+            sample = np.concatenate([sample, self._extra_channels], axis=1)
         if self.guided:
             sample = np.concatenate([sample, sample])
         t = self.timestep(sigma)

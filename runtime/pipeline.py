@@ -38,7 +38,7 @@ from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
 from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT, apply_weights, tokenize_prompt
 from sdonnx.runtime.providers import RuntimeOptions
-from sdonnx.runtime.samplers import SAMPLERS, get_sampler
+from sdonnx.runtime.samplers import SAMPLERS, run_plan
 from sdonnx.runtime.schedules import SCHEDULES, Sigmas, make_sigmas, strength_tail
 from sdonnx.runtime.session import Session
 from sdonnx.runtime.tokenizer import ClipTokenizer
@@ -378,7 +378,7 @@ class Pipeline:
         callback: StepCallback | None,
     ) -> np.ndarray:
         """Starting x float32 [B, C, h, w] (k-space) -> the denoised latent [B, C, h, w] (before
-        1/scaling_factor), x_0 * plan.latent_scale as `samplers.sample` returns it."""
+        1/scaling_factor), x_0 * plan.latent_scale (`samplers.run_plan`)."""
         with tqdm(total=plan.steps, disable=not self.progress, unit="step", leave=False) as bar:
 
             def on_step(info: dict) -> None:
@@ -386,8 +386,7 @@ class Pipeline:
                 if callback is not None and callback(info["i"], info["sigma"], info["x"]) is False:
                     raise GenerationCancelled(f"cancelled by the step callback at step {info['i'] + 1} of {plan.steps}")
 
-            sampler = get_sampler(plan.sampler)
-            return sampler(denoise, x, plan.sigmas, rng=rng, callback=on_step) * plan.latent_scale
+            return run_plan(plan, denoise, x, rng=rng, callback=on_step)
 
 
 def encode_prompt(

@@ -113,6 +113,14 @@ def _log_midpoint(a: float, b: float) -> float:
     return math.exp((math.log(a) + math.log(b)) / 2)
 
 
+def _dpm_2_step(denoise: Denoise, x: np.ndarray, d: np.ndarray, sigma: float, sigma_to: float) -> np.ndarray:
+    """x at sigma (derivative d there) -> x at sigma_to > 0, through the log-sigma midpoint's derivative."""
+    sigma_mid = _log_midpoint(sigma, sigma_to)
+    x_2 = x + d * (sigma_mid - sigma)
+    d_2 = _derivative(x_2, denoise(x_2, sigma_mid), sigma_mid)
+    return x + d_2 * (sigma_to - sigma)
+
+
 def sample_dpm_2(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, rng=None, callback=None) -> np.ndarray:
     """DPM-Solver-2 (KDPM2DiscreteScheduler): midpoint at the log-sigma middle; the step to 0 is Euler."""
     for i, sigma, sigma_next in _steps(sigmas):
@@ -122,10 +130,7 @@ def sample_dpm_2(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, rng=Non
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
         else:
-            sigma_mid = _log_midpoint(sigma, sigma_next)
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = _derivative(x_2, denoise(x_2, sigma_mid), sigma_mid)
-            x = x + d_2 * (sigma_next - sigma)
+            x = _dpm_2_step(denoise, x, d, sigma, sigma_next)
     return x
 
 
@@ -142,10 +147,7 @@ def sample_dpm_2_ancestral(
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
         else:
-            sigma_mid = _log_midpoint(sigma, sigma_down)
-            x_2 = x + d * (sigma_mid - sigma)
-            d_2 = _derivative(x_2, denoise(x_2, sigma_mid), sigma_mid)
-            x = x + d_2 * (sigma_down - sigma)
+            x = _dpm_2_step(denoise, x, d, sigma, sigma_down)
             x = x + gaussian_like(rng, x) * sigma_up
     return x
 
@@ -373,6 +375,19 @@ def sample(
     Runs the plan's sampler from x = noise * plan.noise_scale and returns x * plan.latent_scale,
     which is diffusers' final `latents` for the matching scheduler given `latents=noise`.
     """
-    sampler = get_sampler(plan.sampler)
     x = np.asarray(noise, dtype=np.float32) * plan.noise_scale
+    return run_plan(plan, denoise, x, rng=rng, callback=callback)
+
+
+def run_plan(
+    plan: Sigmas,
+    denoise: Denoise,
+    x: np.ndarray,
+    *,
+    rng: NoiseSource | None = None,
+    callback: Callback | None = None,
+) -> np.ndarray:
+    """Starting x [B, C, h, w] in k-space (noise, or an image noised to plan.sigmas[0]) -> the latent
+    the VAE decodes: the plan's sampler over its sigmas, then x * plan.latent_scale."""
+    sampler = get_sampler(plan.sampler)
     return sampler(denoise, x, plan.sigmas, rng=rng, callback=callback) * plan.latent_scale
