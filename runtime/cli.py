@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sdonnx.errors import InputError
+from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder
 from sdonnx.runtime.pipeline import IMG2IMG_STRENGTH, RNGS, GenerationConfig, Pipeline
@@ -32,12 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `generate` and `info` to the `sdonnx` command."""
     generate = subparsers.add_parser("generate", help="generate images from a prompt", description=_generate.__doc__)
     generate.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (optional with --from-png)")
-    generate.add_argument("-m", "--model", required=True, help="model folder (sdonnx export or optimum export)")
+    generate.add_argument(
+        "-m", "--model", type=Path, default=EMBEDDED_MODEL,
+        help="model folder, an sdonnx or optimum export (default: the embedded model, no download needed)",
+    )
     generate.add_argument("-n", "--negative-prompt", help="what the image should not show")
     generate.add_argument("--steps", type=int, help=f"sampler steps (default {_DEFAULTS['steps']})")
     guidance = _DEFAULTS["guidance"]
     generate.add_argument("--guidance", type=float, help=f"guidance scale; <= 1 turns CFG off (default {guidance})")
     generate.add_argument("--guidance-rescale", type=float, help="guidance rescale in [0, 1] (default 0)")
+    generate.add_argument(
+        "--guidance-interval", metavar="LOW,HIGH",
+        help="apply guidance only for sigmas in [LOW, HIGH]; other steps run the U-Net once, not twice (default: all)",
+    )
     generate.add_argument("--sampler", help=f"{', '.join(SAMPLERS)} (default {_DEFAULTS['sampler']})")
     generate.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
@@ -68,7 +76,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.set_defaults(func=_generate)
 
     info = subparsers.add_parser("info", help="show a model folder's facts and graphs", description=_info.__doc__)
-    info.add_argument("model", metavar="MODEL", help="model folder")
+    info.add_argument("model", metavar="MODEL", nargs="?", type=Path, default=EMBEDDED_MODEL,
+                      help="model folder (default: the embedded model)")
     _add_runtime_flags(info)
     info.set_defaults(func=_info)
 
@@ -85,6 +94,10 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
         help="return memory between runs instead of keeping onnxruntime's arena (less RAM, slower)",
     )
     parser.add_argument("--device-id", type=int, default=0, help="GPU index for CUDA, DirectML, TensorRT (default 0)")
+    parser.add_argument(
+        "--low-memory", action="store_true",
+        help="lowest peak memory, slower: one graph open at a time, CFG halves in turn, VAE decoded in tiles",
+    )
 
 
 def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
@@ -94,6 +107,7 @@ def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
         graph_optimization=args.graph_optimization,
         memory_arena=args.memory_arena,
         device_id=args.device_id,
+        low_memory=args.low_memory,
     )
 
 
@@ -138,6 +152,8 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
     }
     if args.size is not None:
         flags["width"], flags["height"] = parse_size(args.size)
+    if args.guidance_interval is not None:
+        flags["guidance_interval"] = parse_interval(args.guidance_interval)
     fields |= {k: v for k, v in flags.items() if v is not None}
     if args.init_image is not None and args.mask is None:
         fields.setdefault("strength", IMG2IMG_STRENGTH)  # as Pipeline.img2img: strength 1 would ignore the image
@@ -192,6 +208,15 @@ def parse_size(text: str) -> tuple[int, int]:
     if match is None:
         raise InputError("size", text, "WIDTHxHEIGHT, e.g. 512x512")
     return int(match[1]), int(match[2])
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """"0.3,5" -> (0.3, 5.0); GenerationConfig checks the order."""
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError("guidance_interval", text, "LOW,HIGH sigmas, e.g. 0.3,5") from None
+    return low, high
 
 
 def output_paths(path: Path, batch: int) -> list[Path]:

@@ -40,6 +40,9 @@ class Denoiser:
     chose them) and LCM boundary condition apply; sigmas off the plan map by log-sigma interpolation.
     extra_channels: [B, E, h, w] appended to the scaled sample on the channel axis, for U-Nets that
     take more than the latent (an inpainting U-Net: mask || masked-image latents).
+    guidance_interval: (low, high) sigmas; guidance applies only for sigma in [low, high] and outside
+    it the U-Net runs the cond half alone, half the work (Kynkäänniemi et al. 2024, "Applying
+    guidance in a limited interval improves sample and distribution quality").
     """
 
     unet: UNet
@@ -53,6 +56,7 @@ class Denoiser:
     sample_dtype: str = "float32"
     plan: Sigmas | None = None
     extra_channels: np.ndarray | None = None
+    guidance_interval: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -75,6 +79,8 @@ class Denoiser:
             raise InputError(
                 "extra_channels", f"shape {np.shape(self.extra_channels)}", f"[{len(self.cond)}, channels, h, w]"
             )
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
         if self.guided:
             if self.uncond is None:
                 raise InputError("uncond", None, "unconditional embeddings when guidance_scale > 1")
@@ -85,15 +91,24 @@ class Denoiser:
     def guided(self) -> bool:
         return self.guidance_scale > 1.0
 
+    def guided_at(self, sigma: float) -> bool:
+        """Whether the step at `sigma` runs the unconditional half too."""
+        if not self.guided:
+            return False
+        return self.guidance_interval is None or self.guidance_interval[0] <= sigma <= self.guidance_interval[1]
+
     @cached_property
-    def _embeddings(self) -> np.ndarray:
-        """uncond || cond [2B, S, D], or cond [B, S, D]: the same every step.
+    def _guided_embeddings(self) -> np.ndarray:
+        """uncond || cond [2B, S, D], the same every step.
 
         Read-only, so a session with device IO binding uploads it once rather than every step.
         """
-        embeddings = np.concatenate([self.uncond, self.cond]) if self.guided else np.array(self.cond)
-        embeddings.flags.writeable = False
-        return embeddings
+        return _read_only(np.concatenate([self.uncond, self.cond]))
+
+    @cached_property
+    def _cond_embeddings(self) -> np.ndarray:
+        """cond [B, S, D], read-only as above."""
+        return _read_only(np.array(self.cond))
 
     @cached_property
     def _extra_channels(self) -> np.ndarray:
@@ -108,11 +123,13 @@ class Denoiser:
         sample = (x * c_in).astype(self.sample_dtype)
         if self.extra_channels is not None:
             sample = np.concatenate([sample, self._extra_channels], axis=1)
-        if self.guided:
+        guided = self.guided_at(sigma)
+        if guided:
             sample = np.concatenate([sample, sample])
+        embeddings = self._guided_embeddings if guided else self._cond_embeddings
         t = self.timestep(sigma)
-        out = np.asarray(self.unet(sample, self._timestep_input(t, len(sample)), self._embeddings), dtype=np.float32)
-        if self.guided:
+        out = np.asarray(self.unet(sample, self._timestep_input(t, len(sample)), embeddings), dtype=np.float32)
+        if guided:
             out_uncond, out_cond = out[:batch], out[batch:]
             out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
             if self.guidance_rescale > 0:
@@ -193,6 +210,23 @@ class KeepUnmasked:
 
     def _blend(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
         return (1 - self.mask) * known + self.mask * x
+
+
+def check_guidance_interval(interval: object) -> None:
+    """InputError unless `interval` is (low, high) with 0 <= low < high, both finite."""
+    ok = (
+        isinstance(interval, (tuple, list))
+        and len(interval) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in interval)
+        and 0 <= interval[0] < interval[1]
+    )
+    if not ok:
+        raise InputError("guidance_interval", interval, "(low, high) sigmas with 0 <= low < high")
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

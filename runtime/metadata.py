@@ -37,6 +37,7 @@ from sdonnx import __version__
 from sdonnx.errors import InputError
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.pipeline import GenerationConfig
+from sdonnx.runtime.providers import PROVIDERS, resolve_provider
 
 PNG_KEY = "parameters"
 SAMPLER_NAMES = {
@@ -93,10 +94,12 @@ def format_parameters(
         "Clip skip": config.clip_skip if config.clip_skip != 1 else None,
         "RNG": RNG_NAMES[config.rng],
         "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
+        "Guidance interval": ",".join(str(_number(v)) for v in config.guidance_interval)
+        if config.guidance_interval else None,
     }
     if model is not None:
         fields |= {
-            "Provider": model.sessions["unet"].providers[0],
+            "Provider": PROVIDERS[resolve_provider(model.options.provider)],  # no session reopened in low-memory mode
             "Precision": model.manifest.graphs["unet"].precision,
         }
     fields["Version"] = f"sdonnx {__version__}"
@@ -129,6 +132,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
         fields["schedule"] = _lookup("Schedule type", raw["Schedule type"], _SCHEDULES_BY_NAME)
     if "RNG" in raw:
         fields["rng"] = _lookup("RNG", raw["RNG"], _RNGS_BY_NAME)
+    if "Guidance interval" in raw:
+        try:
+            fields["guidance_interval"] = tuple(float(v) for v in raw["Guidance interval"].split(","))
+        except ValueError:
+            raise InputError("parameters: Guidance interval", raw["Guidance interval"], "LOW,HIGH") from None
     if "Size" in raw:
         match = re.fullmatch(r"(\d+)x(\d+)", raw["Size"])
         if match is None:

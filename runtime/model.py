@@ -7,6 +7,9 @@ vae_decoder/config.json, scheduler/scheduler_config.json, the tokenizer's config
 IO from the loaded sessions themselves; what differs between exporters (the timestep's dtype and
 rank, int32 or int64 input_ids, fp16 inputs) is then read from those sessions, never guessed.
 Either way, the graphs must agree with the facts (channels, embedding width, sequence length).
+
+In low-memory mode (`RuntimeOptions.low_memory`) the sessions open on first use and the pipeline
+releases each when its step is done (`Sessions.release`), so only one graph is in memory at a time.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
@@ -37,14 +40,51 @@ _NO_LIMIT = 1_000_000
 _DEFAULT_MAX_LENGTH = 77
 
 
+class Sessions(Mapping[str, Session]):
+    """The folder's sessions by component, each opened (and checked) by `opener` on first use.
+
+    `release` drops one, so its memory goes back; the next use opens it again.
+    """
+
+    def __init__(self, components: Sequence[str], opener: Callable[[str], Session]):
+        self._components = tuple(components)
+        self._open = opener
+        self._opened: dict[str, Session] = {}
+
+    def __getitem__(self, component: str) -> Session:
+        if component not in self._components:
+            raise KeyError(component)
+        if component not in self._opened:
+            self._opened[component] = self._open(component)
+        return self._opened[component]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._components)
+
+    def __len__(self) -> int:
+        return len(self._components)
+
+    @property
+    def opened(self) -> tuple[str, ...]:
+        """The components whose session is in memory now."""
+        return tuple(self._opened)
+
+    def open(self, component: str) -> Session:
+        return self[component]
+
+    def release(self, component: str) -> None:
+        self._opened.pop(component, None)
+
+
 @dataclass(frozen=True)
 class ModelFolder:
     """A loaded model folder: its manifest (read or derived) and one Session per loaded graph."""
 
     root: Path
     manifest: Manifest
-    sessions: Mapping[str, Session]
+    sessions: Mapping[str, Session]  # a Sessions, or a plain dict of sessions
     derived: bool  # True when the facts come from optimum-style configs, not manifest.json
+    options: RuntimeOptions = RuntimeOptions()
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -64,7 +104,11 @@ class ModelFolder:
         components: Sequence[str] = REQUIRED,
         optional: Sequence[str] = (),
     ) -> ModelFolder:
-        """Load `components` (each must exist) and the `optional` ones whose graph exists."""
+        """Load `components` (each must exist) and the `optional` ones whose graph exists.
+
+        With options.low_memory the graphs of a manifest folder open on first use; those of a
+        folder without one open once here, as their IO is part of the facts, and are released.
+        """
         root = _model_root(path)
         providers, so = session_providers(options), session_options(options)
         manifest_file = root / MANIFEST_NAME
@@ -81,17 +125,31 @@ class ModelFolder:
                     raise ModelError(f"{manifest_file}: graphs.{c}: missing (the {c!r} graph is required)")
             _require_graphs(root, paths, components)
         wanted = list(components) + [c for c in optional if c in paths and (root / paths[c]).is_file()]
-        sessions = {c: Session(root / paths[c], providers, so, name=c) for c in wanted}
+        manifest = None if derived else declared
+
+        def open_session(component: str) -> Session:
+            session = Session(root / paths[component], providers, so, name=component)
+            if manifest is not None:
+                if not derived:
+                    _check_against_spec(session, manifest.graphs[component])
+                _check_io(session, manifest)
+            return session
+
+        sessions = Sessions(wanted, open_session)
         if derived:
-            graphs = {c: GraphSpec(paths[c], s.inputs, s.outputs, precision=_precision(s)) for c, s in sessions.items()}
+            graphs = {}
+            for c in wanted:
+                s = sessions[c]
+                graphs[c] = GraphSpec(paths[c], s.inputs, s.outputs, precision=_precision(s))
             manifest = Manifest(**facts, graphs=graphs)
-        else:
-            manifest = declared
-            for c, session in sessions.items():
-                _check_against_spec(session, manifest.graphs[c])
-        for session in sessions.values():
-            _check_io(session, manifest)
-        return cls(root=root, manifest=manifest, sessions=sessions, derived=derived)
+            for c in wanted:
+                _check_io(sessions[c], manifest)
+        for c in wanted:
+            if options.low_memory:
+                sessions.release(c)
+            else:
+                sessions.open(c)  # every graph opened and checked now: errors surface at load, not mid-run
+        return cls(root=root, manifest=manifest, sessions=sessions, derived=derived, options=options)
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:

@@ -30,8 +30,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdonnx.errors import InputError, ModelError, SdonnxError
-from sdonnx.runtime.denoiser import Denoise, Denoiser, KeepUnmasked
-from sdonnx.runtime.images import check_finite, decode, default_size, encode, image_pixels, mask_pixels, open_image
+from sdonnx.models import EMBEDDED_MODEL
+from sdonnx.runtime.denoiser import Denoise, Denoiser, KeepUnmasked, check_guidance_interval
+from sdonnx.runtime.images import DECODE_TILE, check_finite, decode, default_size, encode, image_pixels, mask_pixels, open_image
 from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
@@ -71,6 +72,7 @@ class GenerationConfig:
     width: int | None = None
     batch: int = 1
     guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None  # (low, high) sigmas where CFG applies; None: all steps
     strength: float = 1.0  # img2img / inpaint: how far to noise the init image (1.0 = ignore it)
     clip_skip: int = 1  # A1111's convention: 1 = the text encoder's last layer, 2 = the one before
     rng: str = "torch"  # noise generator: "torch" (the same noise as torch.manual_seed on CPU) or "numpy"
@@ -90,6 +92,9 @@ class GenerationConfig:
             raise InputError("guidance", self.guidance, "a finite number >= 0 (<= 1 disables classifier-free guidance)")
         if not _is_real(self.guidance_rescale) or not 0.0 <= self.guidance_rescale <= 1.0:
             raise InputError("guidance_rescale", self.guidance_rescale, "a number in [0, 1]")
+        if self.guidance_interval is not None:
+            check_guidance_interval(self.guidance_interval)
+            object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         if not _is_real(self.strength) or not 0.0 <= self.strength <= 1.0:
             raise InputError("strength", self.strength, "a number in [0, 1]")
         _check_int("clip_skip", self.clip_skip, 1, 12)
@@ -141,11 +146,16 @@ class Pipeline:
         self.progress = progress
 
     @classmethod
-    def load(cls, path: Path | str, provider: str = "auto", *, progress: bool = True, **options) -> Pipeline:
+    def load(cls, path: Path | str | None = None, provider: str = "auto", *, progress: bool = True,
+             **options) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
+
+        path None: the embedded model (sdonnx.models.EMBEDDED_MODEL), which needs no download.
 
         options: RuntimeOptions' other fields (threads, graph_optimization, memory_arena, device_id).
         """
+        if path is None:
+            path = EMBEDDED_MODEL
         model = ModelFolder.load(path, RuntimeOptions(provider=provider, **options), optional=("vae_encoder",))
         tokenizer = ClipTokenizer.from_folder(model.tokenizer_dir, model.manifest.tokenizer_max_length)
         return cls(model, tokenizer, progress=progress)
@@ -153,6 +163,15 @@ class Pipeline:
     @property
     def manifest(self) -> Manifest:
         return self.model.manifest
+
+    @property
+    def low_memory(self) -> bool:
+        return self.model.options.low_memory
+
+    def _release(self, component: str) -> None:
+        """In low-memory mode, close `component`'s session: its step of the pipeline is done."""
+        if self.low_memory:
+            self.model.sessions.release(component)
 
     def __call__(
         self,
@@ -242,6 +261,7 @@ class Pipeline:
         rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         shape = (config.batch, m.latent_channels, height // m.vae_downsample, width // m.vae_downsample)
         cond, uncond = self._embeddings(config)  # first: a prompt over the length limit fails before any image work
+        self._release("text_encoder")
         start = self._start(init, config.strength, shape, plan, rng, latents)
         denoise = self._denoiser(cond, uncond, plan, config, start.extra_channels)
         if start.keep is not None:
@@ -250,7 +270,9 @@ class Pipeline:
         if start.keep is not None:
             latent = start.keep.final(latent)
         check_finite(latent, sessions["unet"], "out_sample")
-        images = decode(sessions["vae_decoder"], latent, m)
+        self._release("unet")
+        images = decode(sessions["vae_decoder"], latent, m, tile=DECODE_TILE if self.low_memory else None)
+        self._release("vae_decoder")
         for index, image in enumerate(images):
             image.info.update(seed=seed + index, batch_index=index)
         return images
@@ -258,7 +280,7 @@ class Pipeline:
     def _embeddings(self, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray | None]:
         """cond [B, k*77, D] and uncond (None when guidance <= 1: the unconditional half never runs)."""
         text_encoder = self.model.sessions["text_encoder"]
-        dtype = self.model.sessions["unet"].input("encoder_hidden_states").dtype
+        dtype = self.manifest.graphs["unet"].input("encoder_hidden_states").dtype
         guided = config.guidance > 1
         cond = encode_prompt(
             text_encoder, self.tokenizer, config.prompt, config.batch, dtype,
@@ -340,7 +362,9 @@ class Pipeline:
                 f"{self.model.root}: no vae_encoder graph, which img2img and inpainting need "
                 "(`sdonnx export` writes one)"
             )
-        return encode(encoder, pixels, self.manifest, rng, batch)
+        latents = encode(encoder, pixels, self.manifest, rng, batch)
+        self._release("vae_encoder")
+        return latents
 
     def _denoiser(
         self,
@@ -351,9 +375,21 @@ class Pipeline:
         extra_channels: np.ndarray | None,
     ) -> Denoiser:
         unet = self.model.sessions["unet"]
+        # Low memory: one image of the batch (CFG's uncond || cond included) per run, which halves
+        # the activations at least. A timestep of rank 1 is sliced with the batch; a scalar is shared.
+        slices = 1 if self.low_memory and not isinstance(unet.input("sample").shape[0], int) else None
 
         def run_unet(sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
-            return unet.run(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states)["out_sample"]
+            size = slices or len(sample)
+            outputs = [
+                unet.run(
+                    sample=sample[i : i + size],
+                    timestep=timestep[i : i + size] if timestep.ndim else timestep,
+                    encoder_hidden_states=encoder_hidden_states[i : i + size],
+                )["out_sample"]
+                for i in range(0, len(sample), size)
+            ]
+            return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
         return Denoiser(
             run_unet,
@@ -367,6 +403,7 @@ class Pipeline:
             sample_dtype=unet.input("sample").dtype,
             plan=plan,
             extra_channels=extra_channels,
+            guidance_interval=config.guidance_interval,
         )
 
     def _sample(

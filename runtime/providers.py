@@ -58,6 +58,9 @@ class RuntimeOptions:
     graph_optimization: a key of GRAPH_OPTIMIZATION.
     memory_arena: keep onnxruntime's CPU memory arena (faster; off returns memory between runs).
     device_id: which GPU, for the CUDA, DirectML and TensorRT providers.
+    low_memory: trade speed for peak memory: each graph is open only while its step of the pipeline
+    runs, the classifier-free-guidance halves run one after the other, the VAE decodes in tiles,
+    and the memory arena is off whatever `memory_arena` says.
     """
 
     provider: str = "auto"
@@ -65,6 +68,7 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     memory_arena: bool = True
     device_id: int = 0
+    low_memory: bool = False
 
     def __post_init__(self):
         if not isinstance(self.provider, str):
@@ -73,8 +77,9 @@ class RuntimeOptions:
             raise InputError("threads", self.threads, "a positive integer or None (onnxruntime's default)")
         if self.graph_optimization not in GRAPH_OPTIMIZATION:
             raise InputError("graph_optimization", self.graph_optimization, f"one of {list(GRAPH_OPTIMIZATION)}")
-        if not isinstance(self.memory_arena, bool):
-            raise InputError("memory_arena", self.memory_arena, "True or False")
+        for name in ("memory_arena", "low_memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(name, getattr(self, name), "True or False")
         if not _is_int(self.device_id) or self.device_id < 0:
             raise InputError("device_id", self.device_id, "a non-negative integer")
 
@@ -119,7 +124,7 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     """The ort.SessionOptions for `options`."""
     so = ort.SessionOptions()
     so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
-    so.enable_cpu_mem_arena = options.memory_arena
+    so.enable_cpu_mem_arena = options.memory_arena and not options.low_memory
     if options.threads is not None:
         so.intra_op_num_threads = options.threads
     if resolve_provider(options.provider) == "dml":

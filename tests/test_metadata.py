@@ -25,7 +25,7 @@ from sdonnx.runtime.samplers import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
 
 CARRIED = ("prompt", "negative_prompt", "steps", "guidance", "sampler", "schedule", "seed", "height", "width",
-           "guidance_rescale", "strength", "clip_skip", "rng")
+           "guidance_rescale", "guidance_interval", "strength", "clip_skip", "rng")
 
 A1111_V19 = """masterpiece, (best quality:1.2), a cat
 wearing a hat
@@ -45,7 +45,7 @@ def test_round_trip_keeps_every_carried_field():
     config = GenerationConfig(
         "a red cube:\non a table, \"quoted\"", "blurry, ugly\nsecond line", steps=13, guidance=6.25, sampler="dpm_2",
         schedule="exponential", seed=2**40 + 3, height=64, width=96, guidance_rescale=0.7, strength=0.35,
-        clip_skip=2, rng="numpy", batch=3,
+        clip_skip=2, rng="numpy", batch=3, guidance_interval=(0.5, 7.25),
     )
     fields = parse_parameters(format_parameters(config, seed=config.seed, size=(96, 64)))
     assert fields == {name: getattr(config, name) for name in CARRIED}

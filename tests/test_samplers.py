@@ -359,3 +359,23 @@ def test_callback_once_per_step(name):
     assert [info["i"] for info in seen] == list(range(6))
     assert [info["sigma"] for info in seen] == [float(s) for s in plan.sigmas[:-1]]
     assert all(info["x"].shape == info["denoised"].shape == LATENT_SHAPE for info in seen)
+
+
+def test_guidance_interval_skips_the_unconditional_half_outside_it():
+    inputs = make_inputs()
+    inside, outside, plain, unguided = [], [], [], []
+    interval = (1.0, 5.0)
+    guided_in = make_denoiser(recording_unet(inside), guidance=4.0, guidance_interval=interval)(inputs.noise, 3.0)
+    guided_out = make_denoiser(recording_unet(outside), guidance=4.0, guidance_interval=interval)(inputs.noise, 7.0)
+    full = make_denoiser(recording_unet(plain), guidance=4.0)(inputs.noise, 3.0)
+    cond_only = make_denoiser(recording_unet(unguided), guidance=1.0, uncond=None)(inputs.noise, 7.0)
+    assert inside[0][0][0] == 2 * BATCH and outside[0][0][0] == BATCH
+    np.testing.assert_array_equal(guided_in, full)
+    np.testing.assert_array_equal(guided_out, cond_only)
+    np.testing.assert_array_equal(outside[0][3], inputs.cond)
+
+
+@pytest.mark.parametrize("interval", [(5.0, 1.0), (-1.0, 2.0), (0.0, float("inf")), (1.0,), "1,2"])
+def test_guidance_interval_must_be_an_ordered_pair(interval):
+    with pytest.raises(InputError, match="guidance_interval"):
+        make_denoiser(recording_unet([]), guidance=4.0, guidance_interval=interval)
