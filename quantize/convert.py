@@ -143,12 +143,67 @@ def int8_static(src: Path, dst: Path, large: bool, *, precision: str, calibratio
 
 
 def int4_weights(src: Path, dst: Path, large: bool, *, block_size: int, **_) -> None:
-    """MatMulNBits: symmetric 4-bit MatMul weights in blocks of `block_size` along K; fp32 activations."""
+    """4-bit weights, fp32 activations: MatMulNBits (ORT's n-bit quantizer) for the MatMuls, and
+    the Conv weights as int4 blocks behind a DequantizeLinear.
+
+    ORT's quantizers have no weight-only Conv path, and in a U-Net the convolutions hold most of the
+    weights (73% in SD 1.5), so without them int4 would shrink the file by 1.3x. DequantizeLinear
+    takes blocked int4 from opset 21 on, and ORT's CPU kernel runs it: the int4 weights stay int4 in
+    memory and are expanded per run.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True)
+    model = _load(src, _to_opset_21)
+    int4_conv_weights(model, block_size)
+    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True)
     quantizer.process()
     save(quantizer.model.model, dst, large)
+
+
+def int4_conv_weights(model: onnx.ModelProto, block_size: int) -> int:
+    """Rewrite every Conv whose weight is an initializer used once as DequantizeLinear(int4) -> Conv.
+
+    Symmetric blocks of `block_size` input channels (the last one may be partial), one fp32 scale
+    per block: the same layout MatMulNBits uses along K. Returns how many convolutions changed.
+    """
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, changed = [], 0
+    for node in graph.node:
+        weight = node.input[1] if node.op_type == "Conv" and len(node.input) > 1 else None
+        if weight in initializers and uses[weight] == 1 and initializers[weight].data_type == onnx.TensorProto.FLOAT:
+            quantized, scale = _int4_blocks(weight, numpy_helper.to_array(initializers[weight]), block_size)
+            graph.initializer.remove(initializers[weight])
+            graph.initializer.extend([quantized, scale])
+            nodes.append(onnx.helper.make_node(
+                "DequantizeLinear", [quantized.name, scale.name], [weight], name=f"{node.name}/int4_weight",
+                axis=1, block_size=block_size,
+            ))
+            changed += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return changed
+
+
+def _int4_blocks(name: str, weight: np.ndarray, block_size: int) -> tuple[onnx.TensorProto, onnx.TensorProto]:
+    """fp32 [O, I, ...] -> (int4 [O, I, ...], fp32 scales [O, ceil(I / block_size), ...]), symmetric."""
+    out_channels, in_channels = weight.shape[:2]
+    padded = np.pad(weight, [(0, 0), (0, -in_channels % block_size)] + [(0, 0)] * (weight.ndim - 2))
+    blocks = padded.reshape(out_channels, -1, block_size, *weight.shape[2:])
+    scale = np.abs(blocks).max(axis=2) / 7
+    scale[scale == 0] = 1.0
+    values = np.clip(np.round(blocks / scale[:, :, None]), -8, 7).astype(np.int8)
+    values = values.reshape(padded.shape)[:, :in_channels]
+    nibbles = (values.ravel() & 0x0F).astype(np.uint8)
+    nibbles = np.append(nibbles, np.uint8(0)) if nibbles.size % 2 else nibbles
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)  # ONNX int4: the first element in the low nibble
+    quantized = onnx.helper.make_tensor(f"{name}_int4", onnx.TensorProto.INT4, weight.shape, packed.tobytes(), raw=True)
+    return quantized, numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")
 
 
 def copy_graph(src: Path, dst: Path, large: bool, **_) -> None:

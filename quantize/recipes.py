@@ -7,7 +7,8 @@ Precisions (what `convert.CONVERTERS` can produce):
 - "int8-matmul": the same restricted to MatMul/Gemm, so convolutions keep ONNX Runtime's fast fp32 kernels;
 - "int8-static": calibrated QDQ (activation ranges recorded by running the fp32 pipeline);
 - "int8-static-a16": the same with 16-bit activations, where 8-bit activations cost too much quality;
-- "int4": weight-only MatMulNBits on the MatMuls (block-wise, symmetric), everything else fp32.
+- "int4": weight-only, block-wise symmetric 4-bit: MatMulNBits on the MatMuls and int4
+  DequantizeLinear -> Conv on the convolutions; activations and everything else fp32.
 
 The VAE stays fp32 in every recipe: it runs once per image (its cost does not scale with steps), its
 convolutions are what int8 hurts most (colour shifts), and its decoder overflows fp16 in some

@@ -39,7 +39,7 @@ UNET_OPS = {
     "mixed": ({"MatMulInteger"}, {"ConvInteger"}),
     "int8-static": ({"QuantizeLinear", "DequantizeLinear"}, {"MatMulInteger"}),
     "int8-static-a16": ({"QuantizeLinear", "DequantizeLinear"}, {"MatMulInteger"}),
-    "int4": ({"MatMulNBits"}, {"MatMulInteger"}),
+    "int4": ({"MatMulNBits", "DequantizeLinear"}, {"MatMulInteger", "ConvInteger"}),
 }
 
 
