@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from sdonnx.models import CLIP_TOKENIZER, CONFIGS
+from sdonnx.models.checkpoints import save_text_encoder
 
 DEFAULT_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-random"
 
@@ -40,7 +41,10 @@ def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
         ("text_encoder", lambda c: CLIPTextModel(CLIPTextConfig.from_dict(c))),
     ):
         module = build_module(json.loads((config / name / "config.json").read_text()))
-        module.save_pretrained(tmp / name, safe_serialization=True)
+        if name == "text_encoder":
+            save_text_encoder(module, tmp / name)  # loadable by transformers 4.x (optimum) too
+        else:
+            module.save_pretrained(tmp / name, safe_serialization=True)
         del module
         gc.collect()
     PNDMScheduler.from_pretrained(config / "scheduler").save_pretrained(tmp / "scheduler")

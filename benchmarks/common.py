@@ -1,0 +1,56 @@
+"""What the benchmark scripts share: PSNR, peak RSS, folder sizes, the machine line, cached variants.
+
+Imports nothing outside the standard library and NumPy at module level: workers run it in the
+optimum virtual environment too, where sdonnx is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path.home() / ".cache" / "sdonnx"
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
+    """PSNR in dB of b against a; inf when identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(peak**2 / mse) if mse > 0 else float("inf")
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def folder_mb(folder: Path, part: str = "") -> float:
+    return sum(p.stat().st_size for p in (Path(folder) / part).rglob("*") if p.is_file()) / 2**20
+
+
+def machine() -> str:
+    """Cores, CPU model and the SIMD flags that decide ONNX Runtime's and PyTorch's kernels."""
+    info = Path("/proc/cpuinfo").read_text()
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{os.cpu_count()} cores, {model}, {' '.join(simd) or 'no AVX2'}"
+
+
+def make_variant(model: Path, work: Path, recipe: str) -> Path:
+    """work/recipe: `model` quantized with `recipe`, made once and reused while its manifest names the recipe."""
+    from sdonnx.quantize import QuantizeConfig, quantize_model
+
+    out = work / recipe
+    manifest = out / "manifest.json"
+    if not (manifest.is_file() and (json.loads(manifest.read_text()).get("quantization") or {}).get("recipe") == recipe):
+        print(f"quantizing {model} -> {out} ({recipe})", file=sys.stderr)
+        work.mkdir(parents=True, exist_ok=True)
+        quantize_model(QuantizeConfig(model=str(model), out=out, recipe=recipe, overwrite=True, quiet=True))
+    return out

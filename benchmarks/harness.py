@@ -1,0 +1,209 @@
+"""Side by side, in one run: sdonnx (fp32, quantize recipes, low-memory mode), diffusers PyTorch fp32
+and optimum's ORTStableDiffusionPipeline, on the same model, prompt, latents, size, steps and threads.
+
+    python benchmarks/harness.py --model sd15 --size 256 --steps 20 --repeats 2 \
+        --out benchmarks/results/sd15-256
+    python benchmarks/harness.py --model embedded --steps 30 --out benchmarks/results/embedded
+
+Each run is a fresh process (`workers.py`), interleaved over the systems (A B C A B C ...), so load
+time and peak RSS are the system's own and every system shares the machine's conditions. Models:
+"sd15" is the full-size SD 1.5 architecture with seeded random weights (`sd15_random.py`),
+"embedded" the trained embedded model. What the systems need is made once and cached under
+--work: the sdonnx export, its quantized variants, the optimum export, and optimum's virtual
+environment (optimum-onnx 0.1.0 needs transformers < 4.58, so it cannot share ours).
+Writes OUT.json and OUT.md: medians per system, and PSNR of each image against diffusers'.
+
+Systems: "diffusers", "optimum", "sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
+one with "+lowmem" for its low-memory mode (e.g. "sdonnx-int8+lowmem").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import CACHE, machine, make_variant, psnr
+
+PROMPTS = {"sd15": "a photograph of an astronaut riding a horse", "embedded": "a red circle on a blue background"}
+DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
+OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "diffusers==0.39.0", "accelerate")
+WORKER = Path(__file__).with_name("workers.py")
+
+
+def source_and_export(model: str, work: Path) -> tuple[Path, Path]:
+    """(diffusers folder, sdonnx export) of `model`, made once."""
+    if model == "embedded":
+        from sdonnx.models import EMBEDDED_MODEL
+
+        return EMBEDDED_MODEL.parent / "source", EMBEDDED_MODEL
+    from sd15_random import build
+
+    source = build()
+    onnx = work / "sdonnx-fp32"
+    if not (onnx / "manifest.json").is_file():
+        from sdonnx.export import ExportConfig, export_model
+
+        print(f"exporting {source} -> {onnx}", file=sys.stderr)
+        export_model(ExportConfig(source=str(source), out=onnx, overwrite=True, quiet=True))
+    return source, onnx
+
+
+def optimum_python(venv: Path) -> Path:
+    """The optimum environment's Python, created with OPTIMUM_PACKAGES if missing."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"creating {venv} ({', '.join(OPTIMUM_PACKAGES)})", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        for package in OPTIMUM_PACKAGES[:1] + (" ".join(OPTIMUM_PACKAGES[1:]),):  # torch first: the CPU pin
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *package.split()], check=True)
+    return python
+
+
+def optimum_export(source: Path, work: Path, python: Path) -> Path:
+    out = work / "optimum"
+    if not (out / "model_index.json").is_file():
+        print(f"optimum-cli export onnx {source} -> {out}", file=sys.stderr)
+        cli = python.parent / "optimum-cli"
+        subprocess.run([str(cli), "export", "onnx", "--model", str(source), "--task", "text-to-image", str(out)],
+                       check=True)
+    return out
+
+
+def write_latents(path: Path, size: int, seed: int) -> Path:
+    """Unit noise [1, 4, size/8, size/8]: torch.manual_seed(seed)'s, drawn without torch."""
+    from sdonnx.runtime.noise import noise_source
+
+    latent = size // 8
+    np.save(path, np.asarray(noise_source(seed, "torch").standard_normal((1, 4, latent, latent)), dtype=np.float32))
+    return path
+
+
+def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
+    """system -> (python to run it with, job without its output paths)."""
+    work = args.work / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    source, onnx = source_and_export(args.model, work)
+    size = args.size or (64 if args.model == "embedded" else 256)
+    common = {"prompt": PROMPTS[args.model], "size": size, "steps": args.steps, "guidance": args.guidance,
+              "threads": args.threads, "latents": str(write_latents(work / f"latents-{size}.npy", size, args.seed))}
+    jobs = {}
+    for system in args.systems:
+        name, _, mode = system.partition("+")
+        if name == "diffusers":
+            jobs[system] = (Path(sys.executable), {"system": "diffusers", "model": str(source)})
+        elif name == "optimum":
+            python = optimum_python(args.optimum_venv)
+            jobs[system] = (python, {"system": "optimum", "model": str(optimum_export(source, work, python))})
+        else:
+            recipe = name.removeprefix("sdonnx-")
+            folder = onnx if recipe == "fp32" else make_variant(onnx, work, recipe)
+            jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
+                                                   "low_memory": mode == "lowmem"})
+    return {system: (python, job | common) for system, (python, job) in jobs.items()}
+
+
+def run_worker(python: Path, job: dict) -> dict:
+    result = subprocess.run([str(python), str(WORKER), json.dumps(job)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"worker {job['system']} ({job['model']}) failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace) -> list[dict]:
+    jobs = plan_jobs(args)
+    images = args.work / args.model / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {system: [] for system in jobs}
+    for repeat in range(args.repeats):
+        for system, (python, job) in jobs.items():
+            result = run_worker(python, job | {"image": str(images / f"{system}.npy")})
+            runs[system].append(result)
+            print(f"{system} #{repeat + 1}: {result}", file=sys.stderr)
+    reference = np.load(images / "diffusers.npy") if "diffusers" in jobs else None
+    rows = []
+    for system, results in runs.items():
+        row = {"system": system} | {key: statistics.median(r[key] for r in results) for key in results[0]}
+        row["psnr_vs_diffusers_db"] = psnr(reference, np.load(images / f"{system}.npy")) if reference is not None else None
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], header: list[str]) -> str:
+    base = next((r for r in rows if r["system"] == "diffusers"), None)
+    lines = header + ["", "| system | ready s | end-to-end s | U-Net s/step | peak RSS GB | vs diffusers e2e "
+                      "| PSNR vs diffusers dB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speedup = f"{base['e2e_s'] / r['e2e_s']:.2f}x" if base else "-"
+        quality = "-" if r["psnr_vs_diffusers_db"] is None else f"{r['psnr_vs_diffusers_db']:.1f}"
+        lines.append(f"| {r['system']} | {r['ready_s']:.1f} | {r['e2e_s']:.1f} | {r['unet_step_s']:.3f} "
+                     f"| {r['peak_rss_gb']:.2f} | {speedup} | {quality} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from sdonnx.errors import InputError
+    from sdonnx.quantize.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="report path without suffix (.md and .json)")
+    parser.add_argument("--model", choices=list(PROMPTS), default="sd15")
+    parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated; see the module docstring")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 256 for sd15, 64 embedded)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
+    parser.add_argument("--work", type=Path, default=CACHE / "harness")
+    parser.add_argument("--optimum-venv", type=Path, default=CACHE / "optimum-venv")
+    parser.add_argument("--prepare", action="store_true", help="only make the exports, variants and venv, then stop")
+    args = parser.parse_args(argv)
+    args.systems = args.systems.split(",")
+    for system in args.systems:
+        name, _, mode = system.partition("+")
+        recipe = name.removeprefix("sdonnx-")
+        known = name in ("diffusers", "optimum") or (name.startswith("sdonnx-") and recipe in ("fp32", *RECIPES))
+        if not known or mode not in ("", "lowmem") or (mode and not name.startswith("sdonnx-")):
+            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem] with RECIPE in "
+                                                f"fp32, {', '.join(RECIPES)}")
+    if args.size is not None and (args.size < 64 or args.size % 64):
+        raise InputError("size", args.size, "a multiple of 64")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import onnxruntime
+
+    args = parse_args(argv)
+    if args.prepare:
+        for system, (python, job) in plan_jobs(args).items():
+            print(f"{system}: {python} {job['model']}")
+        return
+    rows = measure(args)
+    command = "python benchmarks/harness.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    header = [
+        f"# Side-by-side benchmark: {args.model}", "", f"- command: `{command}`",
+        f"- date: {datetime.date.today()}; machine: {machine()}; Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}",
+        f"- one image, prompt {PROMPTS[args.model]!r}, {args.steps} Euler steps, guidance {args.guidance}, "
+        f"{args.threads} threads each; medians of {args.repeats} interleaved runs, each a fresh process",
+        "- ready: construction until ready to generate (low-memory mode opens its graphs during the run); "
+        "peak RSS: the process's, imports included",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(rows, header))
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""One system, one generation, one fresh process: what `harness.py` runs and times.
+
+    python benchmarks/workers.py '{"system": "sdonnx", "model": ..., "latents": ..., "image": ..., ...}'
+
+Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode),
+"diffusers" (PyTorch fp32 on a diffusers folder) and "optimum" (ORTStableDiffusionPipeline on an
+optimum export; run by the optimum virtual environment's Python). Every system gets the same
+starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
+(diffusers' EulerDiscreteScheduler; sdonnx's euler matches it), and the same thread count.
+
+Prints one JSON line: ready_s (construction until ready to generate), e2e_s (one generation),
+unet_step_s (median over steps of the U-Net time within a step, CFG halves included),
+peak_rss_gb (the process's VmHWM, imports included: that is what a user's process pays).
+The image goes to job["image"] as uint8 .npy, rounded as diffusers rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_gb  # noqa: E402
+
+
+class StepTimer:
+    """U-Net time per sampler step: calls add to the current step, `step()` closes it."""
+
+    def __init__(self):
+        self.steps: list[float] = []
+        self.current = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.current += seconds
+
+    def step(self) -> None:
+        self.steps.append(self.current)
+        self.current = 0.0
+
+    def median(self) -> float:
+        return statistics.median(self.steps) if self.steps else float("nan")
+
+
+def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
+    import sdonnx
+    from sdonnx.runtime.session import Session
+
+    run = Session.run
+
+    def timed(self, **feeds):
+        started = time.perf_counter()
+        out = run(self, **feeds)
+        if self.name == "unet":
+            timer.add(time.perf_counter() - started)
+        return out
+
+    Session.run = timed
+    started = time.perf_counter()
+    pipe = sdonnx.Pipeline.load(job["model"], provider="cpu", progress=False, threads=job["threads"],
+                                low_memory=job.get("low_memory", False))
+    ready = time.perf_counter() - started
+    latents = np.load(job["latents"])
+    image = pipe(job["prompt"], latents=latents, steps=job["steps"], guidance=job["guidance"], sampler="euler",
+                 height=job["size"], width=job["size"], seed=0, callback=lambda *_: timer.step())[0]
+    return ready, np.asarray(image)
+
+
+def _torch_pipeline_call(pipe, job: dict, timer: StepTimer, latents) -> np.ndarray:
+    def on_step(pipe, step, t, kwargs):
+        timer.step()
+        return kwargs
+
+    images = pipe(job["prompt"], latents=latents, num_inference_steps=job["steps"], guidance_scale=job["guidance"],
+                  height=job["size"], width=job["size"], output_type="np", callback_on_step_end=on_step).images
+    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
+
+
+def run_diffusers(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    torch.set_num_threads(job["threads"])
+    started = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ready = time.perf_counter() - started
+    forward = pipe.unet.forward
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = forward(*args, **kwargs)
+        timer.add(time.perf_counter() - t0)
+        return out
+
+    pipe.unet.forward = timed
+    with torch.inference_mode():
+        image = _torch_pipeline_call(pipe, job, timer, torch.from_numpy(np.load(job["latents"])))
+    return ready, image
+
+
+def run_optimum(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
+    import onnxruntime as ort
+    import torch
+    from diffusers import EulerDiscreteScheduler
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    torch.set_num_threads(job["threads"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = job["threads"]
+    started = time.perf_counter()
+    pipe = ORTStableDiffusionPipeline.from_pretrained(job["model"], provider="CPUExecutionProvider",
+                                                      session_options=options)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    ready = time.perf_counter() - started
+    session = pipe.unet.session
+    run = session.run
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = run(*args, **kwargs)
+        timer.add(time.perf_counter() - t0)
+        return out
+
+    session.run = timed
+    image = _torch_pipeline_call(pipe, job, timer, torch.from_numpy(np.load(job["latents"])))
+    return ready, image
+
+
+SYSTEMS = {"sdonnx": run_sdonnx, "diffusers": run_diffusers, "optimum": run_optimum}
+
+
+def main(job: dict) -> dict:
+    timer = StepTimer()
+    started = time.perf_counter()
+    ready, image = SYSTEMS[job["system"]](job, timer)
+    total = time.perf_counter() - started
+    np.save(job["image"], image)
+    return {"ready_s": ready, "e2e_s": total - ready, "unet_step_s": timer.median(), "peak_rss_gb": peak_rss_gb()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))
