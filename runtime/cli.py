@@ -95,6 +95,10 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device-id", type=int, default=0, help="GPU index for CUDA, DirectML, TensorRT (default 0)")
     parser.add_argument(
+        "--graph-cache", type=Path, metavar="DIR",
+        help="keep CPU graphs as onnxruntime optimized them in DIR, so later loads skip that work",
+    )
+    parser.add_argument(
         "--low-memory", action="store_true",
         help="lowest peak memory, slower: one graph open at a time, CFG halves in turn, VAE decoded in tiles",
     )
@@ -108,6 +112,7 @@ def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
         memory_arena=args.memory_arena,
         device_id=args.device_id,
         low_memory=args.low_memory,
+        graph_cache=args.graph_cache,
     )
 
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
-from sdonnx.runtime.providers import RuntimeOptions, session_options, session_providers
+from sdonnx.runtime import graph_cache
+from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.session import Session
 
 GRAPH_FILE = "model.onnx"
@@ -110,7 +111,7 @@ class ModelFolder:
         folder without one open once here, as their IO is part of the facts, and are released.
         """
         root = _model_root(path)
-        providers, so = session_providers(options), session_options(options)
+        providers = session_providers(options)
         manifest_file = root / MANIFEST_NAME
         derived = not manifest_file.is_file()
         if derived:
@@ -128,7 +129,7 @@ class ModelFolder:
         manifest = None if derived else declared
 
         def open_session(component: str) -> Session:
-            session = Session(root / paths[component], providers, so, name=component)
+            session = graph_cache.open_session(root / paths[component], providers, options, name=component)
             if manifest is not None:
                 if not derived:
                     _check_against_spec(session, manifest.graphs[component])

@@ -9,6 +9,7 @@ that lists what the build offers and which pip package provides the one asked fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnxruntime as ort
 
@@ -61,6 +62,8 @@ class RuntimeOptions:
     low_memory: trade speed for peak memory: each graph is open only while its step of the pipeline
     runs, the classifier-free-guidance halves run one after the other, the VAE decodes in tiles,
     and the memory arena is off whatever `memory_arena` says.
+    graph_cache: a folder where the CPU provider keeps each graph as ONNX Runtime optimized it, so
+    later loads skip the optimization (`graph_cache`); None optimizes at every load.
     """
 
     provider: str = "auto"
@@ -69,6 +72,7 @@ class RuntimeOptions:
     memory_arena: bool = True
     device_id: int = 0
     low_memory: bool = False
+    graph_cache: Path | None = None
 
     def __post_init__(self):
         if not isinstance(self.provider, str):
@@ -80,6 +84,12 @@ class RuntimeOptions:
         for name in ("memory_arena", "low_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(name, getattr(self, name), "True or False")
+        if self.graph_cache is not None:
+            if not isinstance(self.graph_cache, (str, Path)):
+                raise InputError("graph_cache", self.graph_cache, "a folder path or None")
+            object.__setattr__(self, "graph_cache", Path(self.graph_cache))
+            if self.graph_cache.exists() and not self.graph_cache.is_dir():
+                raise InputError("graph_cache", str(self.graph_cache), "a folder (this is a file)")
         if not _is_int(self.device_id) or self.device_id < 0:
             raise InputError("device_id", self.device_id, "a non-negative integer")
 

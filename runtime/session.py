@@ -42,6 +42,8 @@ class Session:
 
     name: the component ("unet"), used in every error message.
     io_binding: route runs through ORT IO binding; None turns it on for the CUDA provider.
+    load: the file onnxruntime reads, when it is not `path` itself (an already optimized copy of it,
+    `graph_cache`); `path` stays the graph's name in messages.
     """
 
     def __init__(
@@ -52,13 +54,16 @@ class Session:
         *,
         name: str | None = None,
         io_binding: bool | None = None,
+        load: Path | None = None,
     ):
         self.path = Path(path)
         self.name = name or self.path.parent.name
         if not self.path.is_file():
             raise ModelError(f"{self.path}: missing ONNX graph for {self.name!r}")
         try:
-            self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=list(providers))
+            self._session = ort.InferenceSession(
+                str(load or self.path), sess_options=options, providers=list(providers)
+            )
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...), not exported
             raise ModelError(f"{self.path}: onnxruntime cannot load the {self.name!r} graph: {e}") from e
         self.inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
