@@ -43,7 +43,7 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {model}, {' '.join(simd) or 'no AVX2'}"
 
 
-def make_variant(model: Path, work: Path, recipe: str) -> Path:
+def make_variant(model: Path, work: Path, recipe: str, calibration_prompts: Path | None = None) -> Path:
     """work/recipe: `model` quantized with `recipe`, made once and reused while its manifest names the recipe."""
     from sdonnx.quantize import QuantizeConfig, quantize_model
 
@@ -52,5 +52,6 @@ def make_variant(model: Path, work: Path, recipe: str) -> Path:
     if not (manifest.is_file() and (json.loads(manifest.read_text()).get("quantization") or {}).get("recipe") == recipe):
         print(f"quantizing {model} -> {out} ({recipe})", file=sys.stderr)
         work.mkdir(parents=True, exist_ok=True)
-        quantize_model(QuantizeConfig(model=str(model), out=out, recipe=recipe, overwrite=True, quiet=True))
+        quantize_model(QuantizeConfig(model=str(model), out=out, recipe=recipe, overwrite=True, quiet=True,
+                                      calibration_prompts=calibration_prompts))
     return out

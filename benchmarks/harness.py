@@ -14,7 +14,8 @@ environment (optimum-onnx 0.1.0 needs transformers < 4.58, so it cannot share ou
 Writes OUT.json and OUT.md: medians per system, and PSNR of each image against diffusers'.
 
 Systems: "diffusers", "optimum", "sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
-one with "+lowmem" for its low-memory mode (e.g. "sdonnx-int8+lowmem").
+one with modes appended: "+lowmem" (low-memory mode), "+cache" (the optimized-graph cache, filled by
+one unmeasured warm-up run first), e.g. "sdonnx-int8+lowmem", "sdonnx-fp32+cache".
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
               "threads": args.threads, "latents": str(write_latents(work / f"latents-{size}.npy", size, args.seed))}
     jobs = {}
     for system in args.systems:
-        name, _, mode = system.partition("+")
+        name, *modes = system.split("+")
         if name == "diffusers":
             jobs[system] = (Path(sys.executable), {"system": "diffusers", "model": str(source)})
         elif name == "optimum":
@@ -106,9 +107,15 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
         else:
             recipe = name.removeprefix("sdonnx-")
             folder = onnx if recipe == "fp32" else make_variant(onnx, work, recipe)
+            cache = str(work / "graph-cache") if "cache" in modes else None
             jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
-                                                   "low_memory": mode == "lowmem"})
-    return {system: (python, job | common) for system, (python, job) in jobs.items()}
+                                                   "low_memory": "lowmem" in modes, "graph_cache": cache})
+    jobs = {system: (python, job | common) for system, (python, job) in jobs.items()}
+    for system, (python, job) in jobs.items():
+        if job.get("graph_cache"):
+            print(f"{system}: warm-up run to fill the graph cache", file=sys.stderr)
+            run_worker(python, job | {"image": str(work / "warm-up.npy")})
+    return jobs
 
 
 def run_worker(python: Path, job: dict) -> dict:
@@ -169,12 +176,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.systems = args.systems.split(",")
     for system in args.systems:
-        name, _, mode = system.partition("+")
+        name, *modes = system.split("+")
         recipe = name.removeprefix("sdonnx-")
         known = name in ("diffusers", "optimum") or (name.startswith("sdonnx-") and recipe in ("fp32", *RECIPES))
-        if not known or mode not in ("", "lowmem") or (mode and not name.startswith("sdonnx-")):
-            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem] with RECIPE in "
-                                                f"fp32, {', '.join(RECIPES)}")
+        if not known or not set(modes) <= {"lowmem", "cache"} or (modes and not name.startswith("sdonnx-")):
+            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache] with "
+                                                f"RECIPE in fp32, {', '.join(RECIPES)}")
     if args.size is not None and (args.size < 64 or args.size % 64):
         raise InputError("size", args.size, "a multiple of 64")
     return args

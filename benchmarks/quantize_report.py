@@ -129,14 +129,28 @@ def quality(kind: str, dump: Path, reference: Path, prompts: int) -> dict:
     return out
 
 
+def training_captions(path: Path, n: int = 32, seed: int = 0) -> Path:
+    """n captions of training-split drawings, one per line: the embedded model's calibration prompts."""
+    from sdonnx.models.draw import caption, sample_scene
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(caption(sample_scene(rng), rng) for _ in range(n)) + "\n")
+    return path
+
+
 def measure(kind: str, model: Path, args: argparse.Namespace) -> list[dict]:
     work = args.work / kind
-    variants = {"fp32": model} | {r: make_variant(model, work, r) for r in args.recipes}
+    # Static recipes calibrate on prompts like the model's own: its training captions for the
+    # embedded model (never the evaluation prompts), sdonnx's default photo prompts for SD 1.5.
+    prompts = training_captions(work / "calibration.txt") if kind == "embedded" else None
+    variants = {"fp32": model} | {r: make_variant(model, work, r, prompts) for r in args.recipes}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, folder in variants.items():
             job = {"model": str(folder), "kind": kind, "variant": name, "threads": args.threads,
-                   "prompts": args.prompts, "steps": args.steps, "size": args.size,
+                   "prompts": args.prompts, "steps": args.steps if kind == "embedded" else args.sd15_steps,
+                   "size": args.size,
                    "dump": str(work / "dumps" / name)}
             runs[name].append(run_worker(job))
             print(f"{kind} {name} #{repeat + 1}: {runs[name][-1]}", file=sys.stderr)
@@ -175,11 +189,12 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="report path without suffix (.md and .json)")
-    parser.add_argument("--embedded", type=Path, default=EMBEDDED_MODEL)
+    parser.add_argument("--embedded", type=Path, default=EMBEDDED_MODEL, help="'none' to leave it out")
     parser.add_argument("--sd15", type=Path, default=None, help="sdonnx export of SD 1.5 (random weights)")
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--prompts", type=int, default=200, help="embedded model: evaluation prompts")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="embedded model: sampler steps")
+    parser.add_argument("--sd15-steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=256, help="SD 1.5 image side")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -189,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     for recipe in args.recipes:
         if recipe not in RECIPES:
             raise InputError("recipes", recipe, f"one of {', '.join(RECIPES)}")
-    rows = measure("embedded", args.embedded, args)
+    rows = [] if str(args.embedded) == "none" else measure("embedded", args.embedded, args)
     if args.sd15:
         rows += measure("sd15", args.sd15, args)
     command = "python benchmarks/quantize_report.py " + shlex.join(argv if argv is not None else sys.argv[1:])
@@ -200,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- date: {datetime.date.today()}, machine: {machine()}, Python {platform.python_version()}, "
         f"onnxruntime {onnxruntime.__version__}",
         f"- embedded: {args.prompts} evaluation prompts, {args.steps} steps; SD 1.5: {args.size}² one image, "
-        f"{args.steps} steps; medians of {args.repeats} interleaved run(s), {args.threads} threads",
+        f"{args.sd15_steps} steps; medians of {args.repeats} interleaved run(s), {args.threads} threads",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")

@@ -2,7 +2,8 @@
 
     python benchmarks/workers.py '{"system": "sdonnx", "model": ..., "latents": ..., "image": ..., ...}'
 
-Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode),
+Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode,
+"graph_cache": a folder for its optimized-graph cache),
 "diffusers" (PyTorch fp32 on a diffusers folder) and "optimum" (ORTStableDiffusionPipeline on an
 optimum export; run by the optimum virtual environment's Python). Every system gets the same
 starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
@@ -62,7 +63,7 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     Session.run = timed
     started = time.perf_counter()
     pipe = sdonnx.Pipeline.load(job["model"], provider="cpu", progress=False, threads=job["threads"],
-                                low_memory=job.get("low_memory", False))
+                                low_memory=job.get("low_memory", False), graph_cache=job.get("graph_cache"))
     ready = time.perf_counter() - started
     latents = np.load(job["latents"])
     image = pipe(job["prompt"], latents=latents, steps=job["steps"], guidance=job["guidance"], sampler="euler",
