@@ -19,8 +19,11 @@ just a falsy value) stops the run by raising `GenerationCancelled` from inside t
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -172,6 +175,7 @@ class Pipeline:
         """In low-memory mode, close `component`'s session: its step of the pipeline is done."""
         if self.low_memory:
             self.model.sessions.release(component)
+            return_freed_memory()
 
     def __call__(
         self,
@@ -263,13 +267,7 @@ class Pipeline:
         cond, uncond = self._embeddings(config)  # first: a prompt over the length limit fails before any image work
         self._release("text_encoder")
         start = self._start(init, config.strength, shape, plan, rng, latents)
-        denoise = self._denoiser(cond, uncond, plan, config, start.extra_channels)
-        if start.keep is not None:
-            denoise = start.keep.wrap(denoise)
-        latent = self._sample(denoise, plan, start.x, rng, callback)
-        if start.keep is not None:
-            latent = start.keep.final(latent)
-        check_finite(latent, sessions["unet"], "out_sample")
+        latent = self._denoise(start, cond, uncond, plan, config, rng, callback)
         self._release("unet")
         images = decode(sessions["vae_decoder"], latent, m, tile=DECODE_TILE if self.low_memory else None)
         self._release("vae_decoder")
@@ -366,6 +364,30 @@ class Pipeline:
         self._release("vae_encoder")
         return latents
 
+    def _denoise(
+        self,
+        start: Start,
+        cond: np.ndarray,
+        uncond: np.ndarray | None,
+        plan: Sigmas,
+        config: GenerationConfig,
+        rng: NoiseSource,
+        callback: StepCallback | None,
+    ) -> np.ndarray:
+        """The sampler loop from start.x [B, C, h, w] to the final latent [B, C, h, w].
+
+        Everything that holds the U-Net session lives in here, so low-memory mode can release it
+        as soon as this returns.
+        """
+        denoise = self._denoiser(cond, uncond, plan, config, start.extra_channels)
+        if start.keep is not None:
+            denoise = start.keep.wrap(denoise)
+        latent = self._sample(denoise, plan, start.x, rng, callback)
+        if start.keep is not None:
+            latent = start.keep.final(latent)
+        check_finite(latent, self.model.sessions["unet"], "out_sample")
+        return latent
+
     def _denoiser(
         self,
         cond: np.ndarray,
@@ -424,6 +446,17 @@ class Pipeline:
                     raise GenerationCancelled(f"cancelled by the step callback at step {info['i'] + 1} of {plan.steps}")
 
             return run_plan(plan, denoise, x, rng=rng, callback=on_step)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by a closed session back to the OS: glibc keeps freed heap pages for reuse,
+    so without malloc_trim the process's resident size never falls to the next step's needs."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl, ...): nothing to trim
+            pass
 
 
 def encode_prompt(
