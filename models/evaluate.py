@@ -19,6 +19,7 @@ from pathlib import Path
 from sdonnx.errors import InputError
 from sdonnx.models.draw import evaluation_prompts
 from sdonnx.models.judge import accuracy, judge
+from sdonnx.runtime.cli import parse_interval
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
 from sdonnx.runtime.samplers import SAMPLERS
 
@@ -39,14 +40,16 @@ class Score:
 
 
 def score(pipe, sampler: str, *, prompts: int = 200, steps: int | None = None, guidance: float | None = None,
-          seed: int = 0) -> Score:
-    """Generate one image per evaluation prompt (seed + i for prompt i) and judge them, split by split."""
+          seed: int = 0, **settings) -> Score:
+    """Generate one image per evaluation prompt (seed + i for prompt i) and judge them, split by split.
+
+    settings: other GenerationConfig fields (guidance_interval, schedule, ...)."""
     steps = DEFAULTS["steps"] if steps is None else steps
     guidance = DEFAULTS["guidance"] if guidance is None else guidance
     pairs = evaluation_prompts(prompts)
     started = time.monotonic()
     verdicts = [
-        judge(pipe(prompt, sampler=sampler, steps=steps, guidance=guidance, seed=seed + i)[0])
+        judge(pipe(prompt, sampler=sampler, steps=steps, guidance=guidance, seed=seed + i, **settings)[0])
         for i, (prompt, _) in enumerate(pairs)
     ]
     half = len(pairs) // 2
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[Score]:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-interval", metavar="LOW,HIGH", default=None, help="sigmas where CFG applies")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     args = parser.parse_args(argv)
@@ -92,10 +96,11 @@ def main(argv: list[str] | None = None) -> list[Score]:
             raise InputError("samplers", name, f"one of {sorted(SAMPLERS)}")
     options = {"threads": args.threads} if args.threads else {}
     pipe = Pipeline.load(args.model, progress=False, **options)
+    settings = {"guidance_interval": parse_interval(args.guidance_interval)} if args.guidance_interval else {}
     scores = []
     for name in samplers:
         scores.append(score(pipe, name, prompts=args.prompts, steps=args.steps, guidance=args.guidance,
-                            seed=args.seed))
+                            seed=args.seed, **settings))
         print(f"{name}: trained {scores[-1].trained} held-out {scores[-1].heldout} ({scores[-1].seconds} s)",
               file=sys.stderr)
     print(markdown(scores))
