@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from sdonnx.export.attention import slice_self_attention
 from sdonnx.export.source import SourceModel
 from sdonnx.runtime.manifest import TensorSpec
 from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT
@@ -215,7 +216,8 @@ def text_max_length(source: SourceModel) -> int:
     return min(int(source.tokenizer.model_max_length), int(source.text_encoder.config.max_position_embeddings))
 
 
-def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, static: bool, seed: int = 0) -> Graph:
+def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, static: bool, seed: int = 0,
+                sliced_attention: bool = False) -> Graph:
     """The named graph's wrapper and seeded example inputs. Shapes (B = image batch, L = latent side):
 
     text_encoder  input_ids int64 [B, T] -> last_hidden_state [B, T, D], pooler_output [B, D]
@@ -224,10 +226,14 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
                   -> out_sample [2B, 4, Lh, Lw]   (2B: classifier-free guidance batches uncond||cond)
     vae_encoder   sample [B, 3, H, W] -> latent_parameters [B, 2*latent_channels, Lh, Lw]
     vae_decoder   latent_sample [B, latent_channels, Lh, Lw] -> sample [B, 3, H, W]
+
+    sliced_attention: the U-Net's self-attention is traced one head at a time (export/attention.py).
     """
     if name not in _WRAPPERS:
         raise ValueError(f"graph: got {name!r}, expected one of {ORDER}")
     module = _WRAPPERS[name](source).eval()
+    if name == "unet" and sliced_attention:
+        slice_self_attention(module.unet)
     axes = module.dynamic_axes
     if static:
         axes = {k: {i: n for i, n in dims.items() if n == SEQUENCE} for k, dims in axes.items()}

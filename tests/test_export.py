@@ -423,3 +423,34 @@ def test_per_tensor_external_data_is_consolidated_into_one_file(tmp_path):
     x = rng.standard_normal((2, 512), dtype=np.float32)
     (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ weights["big"] @ weights["small"], rtol=1e-4, atol=1e-4)
+
+
+def test_head_sliced_self_attention_matches_diffusers_and_changes_the_graph(tiny_sources, tmp_path):
+    """The sliced export (the default) computes what diffusers' processor computes, head by head."""
+    import onnx
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdonnx.export.attention import slice_self_attention
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sources["sd1"] / "unet").eval()
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = unet(x, 500, context).sample
+        slice_self_attention(unet)
+        sliced = unet(x, 500, context).sample
+    torch.testing.assert_close(sliced, full, rtol=1e-5, atol=1e-5)
+
+    counts = {}
+    for attention in ("sliced", "full"):
+        out = tmp_path / attention
+        export_model(ExportConfig(source=str(tiny_sources["sd1"]), out=out, quiet=True, attention=attention))
+        graph = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph
+        counts[attention] = sum(node.op_type == "Softmax" for node in graph.node)
+    assert counts["sliced"] > counts["full"], counts  # one softmax per head in each self-attention
+
+
+def test_unknown_attention_is_refused(tmp_path):
+    with pytest.raises(InputError, match="attention"):
+        ExportConfig(source="x", out=tmp_path / "o", attention="flash")
