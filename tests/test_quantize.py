@@ -29,9 +29,10 @@ from sdonnx.runtime.manifest import Manifest
 IMAGE_FLOOR_DB = {
     "fp16": 45.0, "int8": 34.0, "int4": 34.0, "mixed": 34.0, "int8-static": 22.0, "int8-static-a16": 40.0
 }
-# Largest U-Net file as a share of fp32's. Tiny models: int4 and mixed (int8 MatMuls only) reach only
-# 0.9: the convolutions (fp32 in both) hold most of the weights, and K=32 pads to int4's block.
-UNET_SIZE_SHARE = {"fp16": 0.6, "int8": 0.45, "mixed": 0.95, "int8-static": 0.45, "int8-static-a16": 0.45, "int4": 0.95}
+# Largest U-Net weight bytes as a share of fp32's, a margin above the tiny model's: fp16 0.50, int8
+# 0.26, int8-static(-a16) 0.27, int4 0.26 (its 32-channel tensors pad to the 128-wide blocks and
+# carry a scale per block), mixed 0.80 (the convolutions, fp32 there, hold most of the weights).
+UNET_SIZE_SHARE = {"fp16": 0.55, "int8": 0.3, "mixed": 0.85, "int8-static": 0.3, "int8-static-a16": 0.3, "int4": 0.3}
 # Ops that show each precision was really applied to the U-Net.
 UNET_OPS = {
     "fp16": ({"Cast"}, {"MatMulInteger"}),
@@ -68,6 +69,14 @@ def _graph_bytes(folder: Path, component: str) -> int:
     return sum(p.stat().st_size for p in (folder / component).iterdir() if p.suffix != ".json")
 
 
+def _weight_bytes(folder: Path, component: str) -> int:
+    """Bytes of the graph's initializers as stored (int4 packed two per byte): what a recipe shrinks.
+    File sizes would also count the graph's structure, which is a large share of a tiny U-Net's file
+    (one node chain per attention head) and does not shrink."""
+    model = onnx.load(str(folder / component / "model.onnx"))
+    return sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
 def test_recipes_cover_every_component_with_known_precisions():
     for name, recipe in RECIPES.items():
         assert set(recipe) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}, name
@@ -96,7 +105,8 @@ def test_unet_carries_the_recipes_operators_and_shrinks(quantized, tiny_exports,
     present, absent = UNET_OPS[recipe]
     ops = op_types(quantized[recipe] / "unet" / "model.onnx")
     assert present <= ops and not (absent & ops), sorted(ops)
-    assert _graph_bytes(quantized[recipe], "unet") < UNET_SIZE_SHARE[recipe] * _graph_bytes(tiny_exports["sd1"], "unet")
+    share = _weight_bytes(quantized[recipe], "unet") / _weight_bytes(tiny_exports["sd1"], "unet")
+    assert share < UNET_SIZE_SHARE[recipe], share
     # The VAE is fp32 in every recipe: copied unchanged.
     assert _graph_bytes(quantized[recipe], "vae_decoder") == _graph_bytes(tiny_exports["sd1"], "vae_decoder")
 
