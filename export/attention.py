@@ -43,7 +43,9 @@ class HeadSlicedSelfAttention:
 
         query, key, value = heads(query), heads(key), heads(value)
         outputs = [
-            F.scaled_dot_product_attention(query[:, h : h + 1], key[:, h : h + 1], value[:, h : h + 1], scale=attn.scale)
+            F.scaled_dot_product_attention(
+                query[:, h : h + 1], key[:, h : h + 1], value[:, h : h + 1], scale=attn.scale
+            )
             for h in range(attn.heads)
         ]
         hidden_states = torch.cat(outputs, dim=1).transpose(1, 2).reshape(batch, tokens, attn.heads * head_dim)

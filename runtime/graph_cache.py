@@ -36,7 +36,8 @@ DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 
 def open_session(path: Path, providers: Providers, options: RuntimeOptions, *, name: str) -> Session:
     """A Session for the graph at `path`, through the cache when options.graph_cache is set."""
-    if options.graph_cache is None or options.graph_optimization == "disable" or resolve_provider(options.provider) != "cpu":
+    cached = options.graph_cache is not None and options.graph_optimization != "disable"
+    if not cached or resolve_provider(options.provider) != "cpu":
         return Session(path, providers, session_options(options), name=name)
     entry = Path(options.graph_cache) / cache_key(path, options)
     if (entry / GRAPH).is_file():

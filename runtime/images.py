@@ -38,7 +38,9 @@ MASK_THRESHOLD = 0.5
 DECODE_TILE = 32  # latent pixels (256 image pixels for SD), overlapping by a quarter of that
 
 
-def decode(vae_decoder: Session, latents: np.ndarray, manifest: Manifest, *, tile: int | None = None) -> list[Image.Image]:
+def decode(
+    vae_decoder: Session, latents: np.ndarray, manifest: Manifest, *, tile: int | None = None
+) -> list[Image.Image]:
     """latents float [B, C, h, w] (diffusion space) -> B RGB images of h*f x w*f (f = VAE downsample).
 
     Decodes one image at a time, as the decoder's activations are the largest of the pipeline, or

@@ -35,7 +35,9 @@ from tqdm.auto import tqdm
 from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Denoise, Denoiser, KeepUnmasked, check_guidance_interval
-from sdonnx.runtime.images import DECODE_TILE, check_finite, decode, default_size, encode, image_pixels, mask_pixels, open_image
+from sdonnx.runtime.images import (
+    DECODE_TILE, check_finite, decode, default_size, encode, image_pixels, mask_pixels, open_image,
+)
 from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
@@ -155,7 +157,8 @@ class Pipeline:
 
         path None: the embedded model (sdonnx.models.EMBEDDED_MODEL), which needs no download.
 
-        options: RuntimeOptions' other fields (threads, graph_optimization, memory_arena, device_id).
+        options: RuntimeOptions' other fields (threads, graph_optimization, memory_arena, device_id,
+        low_memory, graph_cache).
         """
         if path is None:
             path = EMBEDDED_MODEL
