@@ -15,7 +15,8 @@ Writes OUT.json and OUT.md: medians per system, and PSNR of each image against d
 
 Systems: "diffusers", "optimum", "sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
 one with modes appended: "+lowmem" (low-memory mode), "+cache" (the optimized-graph cache, filled by
-one unmeasured warm-up run first), e.g. "sdonnx-int8+lowmem", "sdonnx-fp32+cache".
+one unmeasured warm-up run first), "+interval" (guidance only for sigmas in --guidance-interval),
+e.g. "sdonnx-int8+lowmem", "sdonnx-fp32+cache", "sdonnx-int8+interval".
 """
 
 from __future__ import annotations
@@ -108,8 +109,10 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
             recipe = name.removeprefix("sdonnx-")
             folder = onnx if recipe == "fp32" else make_variant(onnx, work, recipe)
             cache = str(work / "graph-cache") if "cache" in modes else None
+            interval = args.guidance_interval if "interval" in modes else None
             jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
-                                                   "low_memory": "lowmem" in modes, "graph_cache": cache})
+                                                   "low_memory": "lowmem" in modes, "graph_cache": cache,
+                                                   "guidance_interval": interval})
     jobs = {system: (python, job | common) for system, (python, job) in jobs.items()}
     for system, (python, job) in jobs.items():
         if job.get("graph_cache"):
@@ -139,7 +142,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     rows = []
     for system, results in runs.items():
         row = {"system": system} | {key: statistics.median(r[key] for r in results) for key in results[0]}
-        row["psnr_vs_diffusers_db"] = psnr(reference, np.load(images / f"{system}.npy")) if reference is not None else None
+        image = np.load(images / f"{system}.npy")
+        row["psnr_vs_diffusers_db"] = psnr(reference, image) if reference is not None else None
         rows.append(row)
     return rows
 
@@ -158,6 +162,7 @@ def markdown(rows: list[dict], header: list[str]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from sdonnx.errors import InputError
+    from sdonnx.runtime.cli import parse_interval
     from sdonnx.quantize.recipes import RECIPES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -169,6 +174,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--guidance-interval", type=parse_interval, default=(0.28, 5.42), metavar="LOW,HIGH",
+                        help="sigmas where +interval systems apply guidance (default 0.28,5.42)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     parser.add_argument("--work", type=Path, default=CACHE / "harness")
     parser.add_argument("--optimum-venv", type=Path, default=CACHE / "optimum-venv")
@@ -179,9 +186,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name, *modes = system.split("+")
         recipe = name.removeprefix("sdonnx-")
         known = name in ("diffusers", "optimum") or (name.startswith("sdonnx-") and recipe in ("fp32", *RECIPES))
-        if not known or not set(modes) <= {"lowmem", "cache"} or (modes and not name.startswith("sdonnx-")):
-            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache] with "
-                                                f"RECIPE in fp32, {', '.join(RECIPES)}")
+        if not known or not set(modes) <= {"lowmem", "cache", "interval"} or (modes and not name.startswith("sdonnx-")):
+            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache][+interval] "
+                                                f"with RECIPE in fp32, {', '.join(RECIPES)}")
     if args.size is not None and (args.size < 64 or args.size % 64):
         raise InputError("size", args.size, "a multiple of 64")
     return args

@@ -3,7 +3,7 @@
     python benchmarks/workers.py '{"system": "sdonnx", "model": ..., "latents": ..., "image": ..., ...}'
 
 Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode,
-"graph_cache": a folder for its optimized-graph cache),
+"graph_cache": a folder for its optimized-graph cache, "guidance_interval": [low, high] sigmas),
 "diffusers" (PyTorch fp32 on a diffusers folder) and "optimum" (ORTStableDiffusionPipeline on an
 optimum export; run by the optimum virtual environment's Python). Every system gets the same
 starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
@@ -66,8 +66,10 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
                                 low_memory=job.get("low_memory", False), graph_cache=job.get("graph_cache"))
     ready = time.perf_counter() - started
     latents = np.load(job["latents"])
+    interval = job.get("guidance_interval")
     image = pipe(job["prompt"], latents=latents, steps=job["steps"], guidance=job["guidance"], sampler="euler",
-                 height=job["size"], width=job["size"], seed=0, callback=lambda *_: timer.step())[0]
+                 height=job["size"], width=job["size"], seed=0, callback=lambda *_: timer.step(),
+                 guidance_interval=tuple(interval) if interval else None)[0]
     return ready, np.asarray(image)
 
 
