@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sdonnx.errors import InputError
+from sdonnx.export.writer import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.checkpoints import save_text_encoder
 from sdonnx.models.draw import SPLITS, Scene, caption, draw, sample_scene
@@ -173,15 +174,6 @@ def _loss_log(path: Path, columns: list[str]):
     return log, writer
 
 
-def _save_atomically(save, target: Path) -> None:
-    """save(folder) into target.partial, then rename: nothing lands at target until it is complete."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save(partial)
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-
-
 def _config_record(config: TrainConfig) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
@@ -224,7 +216,8 @@ def train_vae(config: TrainConfig) -> Path:
     report = evaluate_vae(vae, config)
     vae.register_to_config(scaling_factor=1 / report["latent_std"])
     report.update(config=_config_record(config), train_seconds=train_seconds)
-    _save_atomically(lambda folder: vae.save_pretrained(folder, safe_serialization=True), out / "vae")
+    with staged_folder(out / "vae", overwrite=True) as folder:
+        vae.save_pretrained(folder, safe_serialization=True)
     (out / "vae-report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "vae"
 
@@ -380,7 +373,8 @@ def train_unet(config: TrainConfig) -> Path:
             "vae": sum(p.numel() for p in vae.parameters()),
         },
     }
-    _save_atomically(lambda folder: write_source(folder, text_encoder, unet, vae), out / "source")
+    with staged_folder(out / "source", overwrite=True) as folder:
+        write_source(folder, text_encoder, unet, vae)
     (out / "unet-report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "source"
 
