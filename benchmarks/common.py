@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
 CACHE = Path.home() / ".cache" / "sdonnx"
+SD15_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
@@ -41,6 +43,14 @@ def machine() -> str:
     flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return f"{os.cpu_count()} cores, {model}, {' '.join(simd) or 'no AVX2'}"
+
+
+def run_worker(command: list[str], job: dict, label: str) -> dict:
+    """Run `command + [json(job)]` in a fresh process; the JSON object on its last stdout line."""
+    result = subprocess.run([*command, json.dumps(job)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"worker {label} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def make_variant(model: Path, work: Path, recipe: str, calibration_prompts: Path | None = None) -> Path:

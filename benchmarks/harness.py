@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CACHE, machine, make_variant, psnr
+from common import CACHE, SD15_PROMPT, machine, make_variant, psnr, run_worker
 
-PROMPTS = {"sd15": "a photograph of an astronaut riding a horse", "embedded": "a red circle on a blue background"}
+PROMPTS = {"sd15": SD15_PROMPT, "embedded": "a red circle on a blue background"}
 DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
 OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "diffusers==0.39.0", "accelerate")
 WORKER = Path(__file__).with_name("workers.py")
@@ -117,15 +117,8 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     for system, (python, job) in jobs.items():
         if job.get("graph_cache"):
             print(f"{system}: warm-up run to fill the graph cache", file=sys.stderr)
-            run_worker(python, job | {"image": str(work / "warm-up.npy")})
+            run_worker([str(python), str(WORKER)], job | {"image": str(work / "warm-up.npy")}, system)
     return jobs
-
-
-def run_worker(python: Path, job: dict) -> dict:
-    result = subprocess.run([str(python), str(WORKER), json.dumps(job)], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"worker {job['system']} ({job['model']}) failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -135,7 +128,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     runs: dict[str, list[dict]] = {system: [] for system in jobs}
     for repeat in range(args.repeats):
         for system, (python, job) in jobs.items():
-            result = run_worker(python, job | {"image": str(images / f"{system}.npy")})
+            result = run_worker([str(python), str(WORKER)], job | {"image": str(images / f"{system}.npy")}, system)
             runs[system].append(result)
             print(f"{system} #{repeat + 1}: {result}", file=sys.stderr)
     reference = np.load(images / "diffusers.npy") if "diffusers" in jobs else None

@@ -25,17 +25,15 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import folder_mb, machine, make_variant, peak_rss_gb, psnr
+from common import SD15_PROMPT, folder_mb, machine, make_variant, peak_rss_gb, psnr, run_worker
 
 TIMESTEPS = (999, 500, 100)
-SD15_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 # --- worker: one variant, one fresh process --------------------------------------------------------
@@ -98,13 +96,6 @@ def unet_outputs(run, manifest, size: int) -> np.ndarray:
 # --- parent: variants, interleaved runs, quality, the table ----------------------------------------
 
 
-def run_worker(job: dict) -> dict:
-    result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"worker {job['variant']} failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def quality(kind: str, dump: Path, reference: Path, prompts: int) -> dict:
     """Quality of a variant's dumped outputs against fp32's."""
     images, ref = np.load(dump / "images.npy"), np.load(reference / "images.npy")
@@ -152,7 +143,7 @@ def measure(kind: str, model: Path, args: argparse.Namespace) -> list[dict]:
                    "prompts": args.prompts, "steps": args.steps if kind == "embedded" else args.sd15_steps,
                    "size": args.size,
                    "dump": str(work / "dumps" / name)}
-            runs[name].append(run_worker(job))
+            runs[name].append(run_worker([sys.executable, __file__, "--worker"], job, f"{kind} {name}"))
             print(f"{kind} {name} #{repeat + 1}: {runs[name][-1]}", file=sys.stderr)
     rows = []
     for name, folder in variants.items():
