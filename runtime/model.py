@@ -129,10 +129,12 @@ class ModelFolder:
         manifest = None if derived else declared
 
         def open_session(component: str) -> Session:
+            """Open and check one graph. A derived folder's first opens come before its manifest
+            exists (their IO is part of it); those are checked below, once it does."""
             session = graph_cache.open_session(root / paths[component], providers, options, name=component)
+            if not derived:
+                _check_against_spec(session, manifest.graphs[component])
             if manifest is not None:
-                if not derived:
-                    _check_against_spec(session, manifest.graphs[component])
                 _check_io(session, manifest)
             return session
 
