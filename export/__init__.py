@@ -37,7 +37,7 @@ INSTALL_HINT = 'pip install "sdonnx[export]"'
 OPSETS = range(14, 21)
 # --dtype: fp32 is the export itself; the others are `sdonnx quantize` recipes of the same name.
 DTYPES = ("fp32", "fp16", "int8")
-ATTENTION = ("sliced", "full")
+ATTENTION = ("sliced", "full", "fused")
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,11 @@ class ExportConfig:
     min_psnr: float = 60.0  # per graph, dB against PyTorch; check.py explains the choice and its twin floor
     config: Path | None = None  # single-file only: the diffusers config folder to build the modules from
     dtype: str = "fp32"  # fp16 | int8: export fp32, then quantize with the recipe of that name
-    # "sliced": the U-Net's self-attention one head at a time (export/attention.py): SD 1.5 at 512 px
-    # peaks at 4.05 instead of 7.69 GB per CFG step, at the same speed. "full": diffusers' processor.
-    attention: str = "sliced"
+    # How the U-Net's attention is traced (export/attention.py). "fused": ONNX Runtime's blocked
+    # MultiHeadAttention op; SD 1.5, one CFG call at 512 px on 2 cores: 3.97 s / 3.73 GB peak, against
+    # 4.41 s / 4.06 GB "sliced" (standard ONNX ops, one head at a time) and 5.34 s / 7.70 GB "full"
+    # (diffusers' processor as traced); benchmarks/results/ort-optimizer-512.md.
+    attention: str = "fused"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -146,7 +148,7 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
         started = time.perf_counter()
         say.part(f"{name}: exporting…")
         graph = graphs.build_graph(name, source, trace, probe, static=config.static_shape is not None,
-                                   sliced_attention=config.attention == "sliced")
+                                   attention=config.attention)
         reference, feeds = graph.reference(), graph.feeds()
         path = folder / name / "model.onnx"
         graphs.export_graph(graph, path, opset=config.opset)

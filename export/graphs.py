@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from sdonnx.export.attention import slice_self_attention
+from sdonnx.export.attention import set_attention
 from sdonnx.export.source import SourceModel
 from sdonnx.runtime.manifest import TensorSpec
 from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT
@@ -217,7 +217,7 @@ def text_max_length(source: SourceModel) -> int:
 
 
 def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, static: bool, seed: int = 0,
-                sliced_attention: bool = False) -> Graph:
+                attention: str = "full") -> Graph:
     """The named graph's wrapper and seeded example inputs. Shapes (B = image batch, L = latent side):
 
     text_encoder  input_ids int64 [B, T] -> last_hidden_state [B, T, D], pooler_output [B, D]
@@ -227,13 +227,13 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     vae_encoder   sample [B, 3, H, W] -> latent_parameters [B, 2*latent_channels, Lh, Lw]
     vae_decoder   latent_sample [B, latent_channels, Lh, Lw] -> sample [B, 3, H, W]
 
-    sliced_attention: the U-Net's self-attention is traced one head at a time (export/attention.py).
+    attention: how the U-Net's attention is traced, "full" | "sliced" | "fused" (export/attention.py).
     """
     if name not in _WRAPPERS:
         raise ValueError(f"graph: got {name!r}, expected one of {ORDER}")
     module = _WRAPPERS[name](source).eval()
-    if name == "unet" and sliced_attention:
-        slice_self_attention(module.unet)
+    if name == "unet":
+        set_attention(module.unet, attention)
     axes = module.dynamic_axes
     if static:
         axes = {k: {i: n for i, n in dims.items() if n == SEQUENCE} for k, dims in axes.items()}

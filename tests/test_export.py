@@ -425,30 +425,49 @@ def test_per_tensor_external_data_is_consolidated_into_one_file(tmp_path):
     np.testing.assert_allclose(y, x @ weights["big"] @ weights["small"], rtol=1e-4, atol=1e-4)
 
 
-def test_head_sliced_self_attention_matches_diffusers_and_changes_the_graph(tiny_sources, tmp_path):
-    """The sliced export (the default) computes what diffusers' processor computes, head by head."""
-    import onnx
+@pytest.mark.parametrize("mode", ["sliced", "fused"])
+def test_attention_processors_match_diffusers(tiny_sources, mode):
+    """The sliced and fused processors compute what diffusers' own processor computes."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sdonnx.export.attention import slice_self_attention
+    from sdonnx.export.attention import set_attention
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sources["sd1"] / "unet").eval()
     x = torch.randn(2, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = unet(x, 500, context).sample
-        slice_self_attention(unet)
-        sliced = unet(x, 500, context).sample
-    torch.testing.assert_close(sliced, full, rtol=1e-5, atol=1e-5)
+        set_attention(unet, mode)
+        replaced = unet(x, 500, context).sample
+    assert {type(p).__name__ for p in unet.attn_processors.values()} != {"AttnProcessor2_0"}
+    torch.testing.assert_close(replaced, full, rtol=1e-5, atol=1e-5)
 
-    counts = {}
-    for attention in ("sliced", "full"):
+
+def test_attention_modes_change_the_graph_not_the_output(tiny_sources, tmp_path):
+    """sliced: one softmax per head; fused: every attention one MultiHeadAttention node; same U-Net output."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    feeds = None
+    ops, outputs = {}, {}
+    for attention in ("full", "sliced", "fused"):
         out = tmp_path / attention
         export_model(ExportConfig(source=str(tiny_sources["sd1"]), out=out, quiet=True, attention=attention))
-        graph = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False).graph
-        counts[attention] = sum(node.op_type == "Softmax" for node in graph.node)
-    assert counts["sliced"] > counts["full"], counts  # one softmax per head in each self-attention
+        path = out / "unet" / "model.onnx"
+        ops[attention] = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if feeds is None:
+            shapes = {i.name: [2 if isinstance(d, str) else d for d in i.shape] for i in session.get_inputs()}
+            shapes["encoder_hidden_states"][1] = 77
+            shapes["sample"][2:] = [16, 16]
+            feeds = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        outputs[attention] = session.run(None, feeds)[0]
+    assert ops["sliced"].count("Softmax") > ops["full"].count("Softmax") > 0
+    assert ops["fused"].count("Softmax") == 0 and ops["fused"].count("MultiHeadAttention") > 0
+    for attention in ("sliced", "fused"):
+        np.testing.assert_allclose(outputs[attention], outputs["full"], rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_attention_is_refused(tmp_path):
