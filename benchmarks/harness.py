@@ -16,7 +16,8 @@ Writes OUT.json and OUT.md: medians per system, and PSNR of each image against d
 Systems: "diffusers", "optimum", "sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
 one with modes appended: "+lowmem" (low-memory mode), "+cache" (the optimized-graph cache, filled by
 one unmeasured warm-up run first), "+interval" (guidance only for sigmas in --guidance-interval),
-e.g. "sdonnx-int8+lowmem", "sdonnx-fp32+cache", "sdonnx-int8+interval".
+"+sliced" / "+full" / "+fused" (the export's --attention; default: the export's default), e.g.
+"sdonnx-int8+lowmem", "sdonnx-fp32+cache", "sdonnx-int8+interval", "sdonnx-fp32+fused".
 """
 
 from __future__ import annotations
@@ -35,28 +36,40 @@ import numpy as np
 
 from common import CACHE, SD15_PROMPT, machine, make_variant, psnr, run_worker
 
+from sdonnx.export import ATTENTION
+
 PROMPTS = {"sd15": SD15_PROMPT, "embedded": "a red circle on a blue background"}
 DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
 OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "diffusers==0.39.0", "accelerate")
 WORKER = Path(__file__).with_name("workers.py")
 
 
-def source_and_export(model: str, work: Path) -> tuple[Path, Path]:
-    """(diffusers folder, sdonnx export) of `model`, made once."""
+def source(model: str) -> Path:
+    """The diffusers folder of `model`."""
     if model == "embedded":
         from sdonnx.models import EMBEDDED_MODEL
 
-        return EMBEDDED_MODEL.parent / "source", EMBEDDED_MODEL
+        return EMBEDDED_MODEL.parent / "source"
     from sd15_random import build
 
-    source = build()
-    onnx = work / "sdonnx-fp32"
+    return build()
+
+
+def export(model: str, work: Path, attention: str) -> tuple[Path, Path]:
+    """(sdonnx fp32 export of `model` with `attention`, folder for its quantized variants), made once:
+    work/sdonnx-fp32-ATTENTION and work/ATTENTION."""
+    if model == "embedded" and attention == "sliced":
+        from sdonnx.models import EMBEDDED_MODEL
+
+        return EMBEDDED_MODEL, work / attention  # the committed export was made with sliced attention
+    onnx = work / f"sdonnx-fp32-{attention}"
     if not (onnx / "manifest.json").is_file():
         from sdonnx.export import ExportConfig, export_model
 
-        print(f"exporting {source} -> {onnx}", file=sys.stderr)
-        export_model(ExportConfig(source=str(source), out=onnx, overwrite=True, quiet=True))
-    return source, onnx
+        print(f"exporting {source(model)} -> {onnx} (attention {attention})", file=sys.stderr)
+        export_model(ExportConfig(source=str(source(model)), out=onnx, overwrite=True, quiet=True,
+                                  attention=attention))
+    return onnx, work / attention
 
 
 def optimum_python(venv: Path) -> Path:
@@ -93,7 +106,8 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     """system -> (python to run it with, job without its output paths)."""
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
-    source, onnx = source_and_export(args.model, work)
+    from sdonnx.export import ExportConfig
+
     size = args.size or (64 if args.model == "embedded" else 256)
     common = {"prompt": PROMPTS[args.model], "size": size, "steps": args.steps, "guidance": args.guidance,
               "threads": args.threads, "latents": str(write_latents(work / f"latents-{size}.npy", size, args.seed))}
@@ -101,13 +115,16 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     for system in args.systems:
         name, *modes = system.split("+")
         if name == "diffusers":
-            jobs[system] = (Path(sys.executable), {"system": "diffusers", "model": str(source)})
+            jobs[system] = (Path(sys.executable), {"system": "diffusers", "model": str(source(args.model))})
         elif name == "optimum":
             python = optimum_python(args.optimum_venv)
-            jobs[system] = (python, {"system": "optimum", "model": str(optimum_export(source, work, python))})
+            jobs[system] = (python, {"system": "optimum",
+                                     "model": str(optimum_export(source(args.model), work, python))})
         else:
             recipe = name.removeprefix("sdonnx-")
-            folder = onnx if recipe == "fp32" else make_variant(onnx, work, recipe)
+            attention = next((m for m in modes if m in ATTENTION), ExportConfig.attention)
+            onnx, variants = export(args.model, work, attention)
+            folder = onnx if recipe == "fp32" else make_variant(onnx, variants, recipe)
             cache = str(work / "graph-cache") if "cache" in modes else None
             interval = args.guidance_interval if "interval" in modes else None
             jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
@@ -179,9 +196,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         name, *modes = system.split("+")
         recipe = name.removeprefix("sdonnx-")
         known = name in ("diffusers", "optimum") or (name.startswith("sdonnx-") and recipe in ("fp32", *RECIPES))
-        if not known or not set(modes) <= {"lowmem", "cache", "interval"} or (modes and not name.startswith("sdonnx-")):
-            raise InputError("systems", system, f"diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache][+interval] "
-                                                f"with RECIPE in fp32, {', '.join(RECIPES)}")
+        attentions = [m for m in modes if m in ATTENTION]
+        if (not known or not set(modes) <= {"lowmem", "cache", "interval", *ATTENTION} or len(attentions) > 1
+                or (modes and not name.startswith("sdonnx-"))):
+            raise InputError("systems", system, "diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache][+interval]"
+                                                f"[+{'|+'.join(ATTENTION)}] with RECIPE in fp32, {', '.join(RECIPES)}")
     if args.size is not None and (args.size < 64 or args.size % 64):
         raise InputError("size", args.size, "a multiple of 64")
     return args
