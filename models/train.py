@@ -22,6 +22,7 @@ sdonnx.models stays torch-free. Threads: torch's default (all cores); set OMP_NU
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -75,6 +76,9 @@ class TrainConfig:
     # The eps loss weighs an x0 error by SNR, ~0.005 at t=999: the high-noise steps that decide the
     # layout (where the object goes) would barely teach. This floor on the x0 weight makes them count.
     x0_weight_floor: float = 0.05
+    # Decay of an exponential moving average of the text encoder's and U-Net's weights, which are
+    # what gets saved; 0 saves the last step's weights.
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -100,6 +104,8 @@ class TrainConfig:
         for name in ("kl_weight", "snr_gamma", "x0_weight_floor"):
             if not getattr(self, name) >= 0:
                 raise InputError(name, getattr(self, name), "a number >= 0 (0 disables it)")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError("ema_decay", self.ema_decay, "a number in [0, 1) (0 disables the average)")
 
 
 def render_batch(
@@ -326,6 +332,10 @@ def train_unet(config: TrainConfig) -> Path:
     tokenizer = ClipTokenizer.from_folder(CLIP_TOKENIZER, max_length=77)
     text_encoder, unet = build_text_encoder(config), build_unet(config)
     parameters = [*text_encoder.parameters(), *unet.parameters()]
+    averaged = (copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()) if config.ema_decay else None
+    if averaged:
+        for module in averaged:
+            module.requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.unet_learning_rate, total_steps=config.unet_steps, pct_start=0.05
@@ -359,6 +369,10 @@ def train_unet(config: TrainConfig) -> Path:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
+            if averaged:
+                with torch.no_grad():
+                    for slow, fast in zip((p for m in averaged for p in m.parameters()), parameters):
+                        slow.lerp_(fast, 1 - config.ema_decay)
             rate = schedule.get_last_lr()[0]
             schedule.step()
             writer.writerow([step, f"{loss.item():.6g}", f"{rate:.6g}"])
@@ -374,7 +388,7 @@ def train_unet(config: TrainConfig) -> Path:
         },
     }
     with staged_folder(out / "source", overwrite=True) as folder:
-        write_source(folder, text_encoder, unet, vae)
+        write_source(folder, *(averaged or (text_encoder, unet)), vae)
     (out / "unet-report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "source"
 

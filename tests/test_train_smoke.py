@@ -116,3 +116,24 @@ def test_object_crops_cut_inside_the_image_around_the_shape():
         assert matches, "the crop is no window of its image"
         assert any(t <= scene.y * 64 < t + 32 and l <= scene.x * 64 < l + 32 for t, l in matches)
     assert object_crops(pixels, scenes, 0, rng) is pixels
+
+
+def test_the_weight_average_is_what_gets_saved(tmp_path):
+    pytest.importorskip("diffusers")
+    from safetensors.numpy import load_file
+
+    vae = main([*TINY, "--stage", "vae", "--eval-images", "2", "--out", str(tmp_path / "plain")])
+    (tmp_path / "ema").mkdir()
+    import shutil
+
+    shutil.copytree(vae, tmp_path / "ema" / "vae")
+    weights = {}
+    for run, extra in (("plain", []), ("ema", ["--ema-decay", "0.5"])):
+        source = main([*TINY, "--stage", "unet", *extra, "--out", str(tmp_path / run)])
+        weights[run] = load_file(str(source / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights["plain"].keys() == weights["ema"].keys()
+    assert any(not np.array_equal(weights["plain"][k], weights["ema"][k]) for k in weights["plain"])
+    # Averaging only reads the weights: the training itself is step for step the same.
+    assert (tmp_path / "plain" / "unet-loss.csv").read_text() == (tmp_path / "ema" / "unet-loss.csv").read_text()
+    with pytest.raises(InputError, match="ema_decay"):
+        TrainConfig(out=tmp_path, ema_decay=1.0)
