@@ -153,6 +153,18 @@ def _centroid_range(before: float, after: float, word_index: int) -> tuple[float
     return low, high
 
 
+def place(shape: str, colour: str, background: str, size: str, position: str, rng: np.random.Generator,
+          scale: float = 1.0) -> Scene:
+    """The scene with its centroid drawn uniformly from where `position`'s word stays unambiguous."""
+    _one_of("position", position, POSITIONS)
+    # Measure the shape's reach around its centroid from a centred copy of the scene.
+    (left, right), (top, bottom) = Scene(shape, colour, background, size, 0.5, 0.5, scale).box()
+    v, h = divmod(POSITIONS.index(position), 3)
+    x = rng.uniform(*_centroid_range(0.5 - left, right - 0.5, h))
+    y = rng.uniform(*_centroid_range(0.5 - top, bottom - 0.5, v))
+    return Scene(shape, colour, background, size, float(x), float(y), scale)
+
+
 def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """A random scene whose (colour, shape, background) belongs to `split` ("train" or "heldout")."""
     _one_of("split", split, SPLITS)
@@ -161,12 +173,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     size = SIZES[rng.integers(len(SIZES))]
     scale = float(rng.uniform(1 - SCALE_JITTER, 1 + SCALE_JITTER))
     position = POSITIONS[rng.integers(len(POSITIONS))]
-    # Measure the shape's reach around its centroid from a centred copy of the scene.
-    (left, right), (top, bottom) = Scene(shape, colour, background, size, 0.5, 0.5, scale).box()
-    v, h = divmod(POSITIONS.index(position), 3)
-    x = rng.uniform(*_centroid_range(0.5 - left, right - 0.5, h))
-    y = rng.uniform(*_centroid_range(0.5 - top, bottom - 0.5, v))
-    return Scene(shape, colour, background, size, float(x), float(y), scale)
+    return place(shape, colour, background, size, position, rng, scale)
 
 
 POSITION_PHRASES = {

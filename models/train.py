@@ -8,13 +8,15 @@ the judge and PSNR, and sets the VAE's scaling_factor to 1 / std of the latents,
 Stage "unet" encodes `drawings` training-split drawings once with that VAE, then trains a
 CLIPTextModel (real CLIP BPE vocabulary) and a UNet2DConditionModel together on them: epsilon
 prediction under SD's scaled-linear schedule, min-SNR loss weighting, a caption freshly worded at
-every step and dropped to "" one time in ten (for classifier-free guidance). It writes a complete
-diffusers folder, OUT/source, that `sdonnx export` turns into the runtime's ONNX form.
+every step and dropped to "" one time in ten (for classifier-free guidance). A short position stage
+comes first (`position_steps`, see train_unet): without it the model never learns position words.
+It writes a complete diffusers folder, OUT/source, that `sdonnx export` turns into the runtime's ONNX form.
 
     python -m sdonnx.models.train --out build/embedded              # both stages
     python -m sdonnx.models.train --out build/embedded --stage unet # reuses OUT/vae
 
-Each stage writes OUT/<stage>-loss.csv (one row per step) and OUT/<stage>-report.json. torch,
+Each stage writes OUT/<stage>-loss.csv (one row per step; the position stage OUT/position-loss.csv)
+and OUT/<stage>-report.json. torch,
 diffusers and transformers are imported inside the training functions only, so that importing
 sdonnx.models stays torch-free. Threads: torch's default (all cores); set OMP_NUM_THREADS to share.
 """
@@ -30,6 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -37,7 +40,7 @@ from sdonnx.errors import InputError
 from sdonnx.export.writer import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.checkpoints import save_text_encoder
-from sdonnx.models.draw import SPLITS, Scene, caption, draw, sample_scene
+from sdonnx.models.draw import POSITIONS, SPLITS, Scene, caption, draw, place, sample_scene
 from sdonnx.models.judge import accuracy, judge
 from sdonnx.runtime.images import to_images
 
@@ -79,14 +82,19 @@ class TrainConfig:
     # Decay of an exponential moving average of the text encoder's and U-Net's weights, which are
     # what gets saved; 0 saves the last step's weights.
     ema_decay: float = 0.0
+    # The position stage before the full task (see train_unet); 0 skips it.
+    position_steps: int = 2000
+    position_drawings: int = 2000
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise InputError("stage", self.stage, f"one of {', '.join(STAGES)}")
         for name in ("vae_steps", "vae_batch_size", "eval_images", "unet_steps", "unet_batch_size", "drawings",
-                     "vae_norm_groups", "text_layers"):
+                     "vae_norm_groups", "text_layers", "position_drawings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an int >= 1")
+        if not isinstance(self.position_steps, int) or self.position_steps < 0:
+            raise InputError("position_steps", self.position_steps, "an int >= 0 (0 skips the position stage)")
         if self.image_size < 16 or self.image_size % 8:
             raise InputError("image_size", self.image_size, "a multiple of 8, >= 16 (the VAE downsamples x8)")
         if len(self.vae_channels) != 4 or any(c < 8 or c % self.vae_norm_groups for c in self.vae_channels):
@@ -109,10 +117,10 @@ class TrainConfig:
 
 
 def render_batch(
-    rng: np.random.Generator, n: int, size: int = 64, split: str = "train"
+    rng: np.random.Generator, n: int, size: int = 64, split: str = "train", sample: Callable = sample_scene
 ) -> tuple[np.ndarray, list[Scene]]:
-    """n random drawings as float32 [n, 3, size, size] in [-1, 1], and their scenes."""
-    scenes = [sample_scene(rng, split) for _ in range(n)]
+    """n random drawings as float32 [n, 3, size, size] in [-1, 1], and their scenes (from `sample(rng, split)`)."""
+    scenes = [sample(rng, split) for _ in range(n)]
     pixels = np.stack([np.asarray(draw(scene, size), dtype=np.float32) for scene in scenes])
     return pixels.transpose(0, 3, 1, 2) / 127.5 - 1, scenes
 
@@ -267,15 +275,18 @@ def build_unet(config: TrainConfig):
     )
 
 
-def encode_drawings(vae, config: TrainConfig, rng: np.random.Generator) -> tuple:
-    """`drawings` training-split scenes and their latent distributions (mean, std), [n, 4, h/8, w/8] each."""
+def encode_drawings(vae, config: TrainConfig, rng: np.random.Generator, count: int | None = None,
+                    sample: Callable = sample_scene) -> tuple:
+    """`count` (default: config.drawings) training-split scenes and their latent distributions (mean, std),
+    [n, 4, h/8, w/8] each."""
     import torch
 
+    count = config.drawings if count is None else count
     scenes, means, stds = [], [], []
     vae.eval()
     with torch.no_grad():
-        for start in range(0, config.drawings, 256):
-            pixels, batch = render_batch(rng, min(256, config.drawings - start), config.image_size)
+        for start in range(0, count, 256):
+            pixels, batch = render_batch(rng, min(256, count - start), config.image_size, sample=sample)
             posterior = vae.encode(torch.from_numpy(pixels)).latent_dist
             scenes += batch
             means.append(posterior.mean)
@@ -311,34 +322,30 @@ def write_source(folder: Path, text_encoder, unet, vae) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
-def train_unet(config: TrainConfig) -> Path:
-    """Train the text encoder and U-Net on latents of OUT/vae; returns OUT/source (a diffusers folder)."""
+def position_scene(rng: np.random.Generator, split: str = "train") -> Scene:
+    """The position stage's drawing: one large red square on blue, at a random position."""
+    return place("square", "red", "blue", "large", POSITIONS[rng.integers(len(POSITIONS))], rng)
+
+
+def fit(text_encoder, unet, data: tuple, words: Callable, config: TrainConfig, steps: int, scaling: float,
+        rng: np.random.Generator, log: Path) -> None:
+    """Train text encoder and U-Net together for `steps` on encoded drawings `data` (scenes, means, stds),
+    captioning scene s as words(s, rng); one AdamW + one-cycle schedule; a loss row per step in `log`.
+
+    Epsilon prediction under SCHEDULE, min-SNR weights with the x0-weight floor, captions dropped
+    to "" one time in ten. Noise comes from torch's global generator, batches and captions from rng.
+    """
     import torch
-    from diffusers import AutoencoderKL
     from tqdm import tqdm
 
     from sdonnx.runtime.tokenizer import ClipTokenizer
 
-    out = Path(config.out)
-    if not (out / "vae" / "config.json").is_file():
-        raise InputError("out", str(out), "a folder holding vae/ from the vae stage (run --stage vae first)")
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed + 1)
-    vae = AutoencoderKL.from_pretrained(out / "vae")
-    scaling = vae.config.scaling_factor
-    started = time.monotonic()
-    scenes, means, stds = encode_drawings(vae, config, rng)
-    encode_seconds = round(time.monotonic() - started, 1)
+    scenes, means, stds = data
     tokenizer = ClipTokenizer.from_folder(CLIP_TOKENIZER, max_length=77)
-    text_encoder, unet = build_text_encoder(config), build_unet(config)
     parameters = [*text_encoder.parameters(), *unet.parameters()]
-    averaged = (copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()) if config.ema_decay else None
-    if averaged:
-        for module in averaged:
-            module.requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.unet_learning_rate, total_steps=config.unet_steps, pct_start=0.05
+        optimizer, max_lr=config.unet_learning_rate, total_steps=steps, pct_start=0.05
     )
     betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5, 1000) ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0)
@@ -347,17 +354,20 @@ def train_unet(config: TrainConfig) -> Path:
     # al. 2023) caps the low-noise end, the floor lifts the high-noise end.
     x0_weights = snr.clamp(max=config.snr_gamma) if config.snr_gamma else snr
     weights = (x0_weights + config.x0_weight_floor) / snr
+    averaged = (copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()) if config.ema_decay else None
+    if averaged:
+        for module in averaged:
+            module.requires_grad_(False)
 
-    started = time.monotonic()
-    log, writer = _loss_log(out / "unet-loss.csv", ["step", "loss", "learning_rate"])
-    with log:
-        progress = tqdm(range(1, config.unet_steps + 1), desc="unet", unit="step")
+    handle, writer = _loss_log(log, ["step", "loss", "learning_rate"])
+    with handle:
+        progress = tqdm(range(1, steps + 1), desc=log.stem.removesuffix("-loss"), unit="step")
         text_encoder.train()
         unet.train()
         for step in progress:
             index = torch.from_numpy(rng.integers(len(scenes), size=config.unet_batch_size))
             latents = (means[index] + stds[index] * torch.randn_like(stds[index])) * scaling
-            prompts = ["" if rng.random() < CAPTION_DROPOUT else caption(scenes[i], rng) for i in index.tolist()]
+            prompts = ["" if rng.random() < CAPTION_DROPOUT else words(scenes[i], rng) for i in index.tolist()]
             states = text_encoder(torch.from_numpy(tokenizer(prompts))).last_hidden_state
             t = torch.randint(0, 1000, (config.unet_batch_size,))
             noise = torch.randn_like(latents)
@@ -377,6 +387,43 @@ def train_unet(config: TrainConfig) -> Path:
             schedule.step()
             writer.writerow([step, f"{loss.item():.6g}", f"{rate:.6g}"])
             progress.set_postfix(loss=f"{loss.item():.4f}")
+    if averaged:
+        text_encoder.load_state_dict(averaged[0].state_dict())
+        unet.load_state_dict(averaged[1].state_dict())
+
+
+def train_unet(config: TrainConfig) -> Path:
+    """Train the text encoder and U-Net on latents of OUT/vae; returns OUT/source (a diffusers folder).
+
+    With position_steps, a position stage comes first: the same models learn from drawings that
+    differ only in where the object is (`position_scene`), captioned by the position word alone,
+    before the full task starts from those weights. Trained on the full task alone, the model ignores
+    position words entirely (the object lands where the starting noise leans); after the position
+    stage it keeps them.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    out = Path(config.out)
+    if not (out / "vae" / "config.json").is_file():
+        raise InputError("out", str(out), "a folder holding vae/ from the vae stage (run --stage vae first)")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed + 1)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    scaling = vae.config.scaling_factor
+    started = time.monotonic()
+    stages = [(encode_drawings(vae, config, rng), caption, config.unet_steps, rng, out / "unet-loss.csv")]
+    if config.position_steps:
+        position_rng = np.random.default_rng(config.seed + 3)
+        data = encode_drawings(vae, config, position_rng, config.position_drawings, position_scene)
+        stages.insert(0, (data, lambda scene, _: scene.position, config.position_steps, position_rng,
+                          out / "position-loss.csv"))
+    encode_seconds = round(time.monotonic() - started, 1)
+    text_encoder, unet = build_text_encoder(config), build_unet(config)
+
+    started = time.monotonic()
+    for data, words, steps, stage_rng, log in stages:
+        fit(text_encoder, unet, data, words, config, steps, scaling, stage_rng, log)
     report = {
         "config": _config_record(config),
         "encode_seconds": encode_seconds,
@@ -388,7 +435,7 @@ def train_unet(config: TrainConfig) -> Path:
         },
     }
     with staged_folder(out / "source", overwrite=True) as folder:
-        write_source(folder, *(averaged or (text_encoder, unet)), vae)
+        write_source(folder, text_encoder, unet, vae)
     (out / "unet-report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "source"
 

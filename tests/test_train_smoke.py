@@ -18,7 +18,7 @@ from sdonnx.models.train import TrainConfig, main, object_crops, parse_args, ren
 # The smallest model each stage accepts, two steps each.
 TINY = ["--vae-steps", "2", "--vae-batch-size", "2", "--vae-channels", "8,8,16,16", "--unet-steps", "2",
         "--unet-batch-size", "2", "--unet-channels", "16,32", "--text-hidden", "16", "--text-layers", "1",
-        "--drawings", "4"]
+        "--drawings", "4", "--position-steps", "2", "--position-drawings", "4"]
 
 
 def test_importing_the_models_package_does_not_import_torch():
@@ -91,9 +91,10 @@ def test_two_steps_of_both_stages_make_a_diffusers_folder_that_exports_and_gener
 
     source = main([*TINY, "--seed", "0", "--out", str(tmp_path / "train")])
     assert source == tmp_path / "train" / "source" and not (tmp_path / "train" / "source.partial").exists()
-    with open(tmp_path / "train" / "unet-loss.csv") as log:
-        rows = list(csv.DictReader(log))
-    assert [int(r["step"]) for r in rows] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in rows)
+    for stage in ("position", "unet"):
+        with open(tmp_path / "train" / f"{stage}-loss.csv") as log:
+            rows = list(csv.DictReader(log))
+        assert [int(r["step"]) for r in rows] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in rows)
     report = json.loads((tmp_path / "train" / "unet-report.json").read_text())
     assert set(report["parameters"]) == {"text_encoder", "unet", "vae"}
     from safetensors import safe_open
@@ -129,7 +130,7 @@ def test_the_weight_average_is_what_gets_saved(tmp_path):
     shutil.copytree(vae, tmp_path / "ema" / "vae")
     weights = {}
     for run, extra in (("plain", []), ("ema", ["--ema-decay", "0.5"])):
-        source = main([*TINY, "--stage", "unet", *extra, "--out", str(tmp_path / run)])
+        source = main([*TINY, "--stage", "unet", "--position-steps", "0", *extra, "--out", str(tmp_path / run)])
         weights[run] = load_file(str(source / "unet" / "diffusion_pytorch_model.safetensors"))
     assert weights["plain"].keys() == weights["ema"].keys()
     assert any(not np.array_equal(weights["plain"][k], weights["ema"][k]) for k in weights["plain"])
@@ -137,3 +138,13 @@ def test_the_weight_average_is_what_gets_saved(tmp_path):
     assert (tmp_path / "plain" / "unet-loss.csv").read_text() == (tmp_path / "ema" / "unet-loss.csv").read_text()
     with pytest.raises(InputError, match="ema_decay"):
         TrainConfig(out=tmp_path, ema_decay=1.0)
+
+
+def test_the_position_stage_draws_one_object_everywhere():
+    from sdonnx.models.draw import POSITIONS
+    from sdonnx.models.train import position_scene
+
+    rng = np.random.default_rng(0)
+    scenes = [position_scene(rng) for _ in range(300)]
+    assert {(s.shape, s.colour, s.background, s.size) for s in scenes} == {("square", "red", "blue", "large")}
+    assert {s.position for s in scenes} == set(POSITIONS)
