@@ -37,8 +37,8 @@ RECIPES: dict[str, Mapping[str, str]] = {
 # The default, for CPU laptops: no calibration run, and on SD 1.5 at 256 px (2 cores, AVX-512 VNNI;
 # benchmarks/results/quantize-sd15.md) it is smaller (822 vs 2507 MB), faster per U-Net call (0.74 vs
 # 0.79 s) and lighter (1.99 vs 3.80 GB peak RSS) than mixed, and keeps the embedded model's judge
-# figures within 2 points of fp32. int8-static is faster still (0.46 s) but needs a calibration run
-# and costs 8 points of object colour on the embedded model.
+# figures within 3 points of fp32. int8-static is faster still (0.46 s) but needs a calibration run
+# and costs 6-10 points of object colour and shape on the embedded model.
 DEFAULT_RECIPE = "int8"
 DEFAULT_BLOCK_SIZE = 128  # int4: weights per scale along K (MatMulNBits' own default)
 DEFAULT_CALIBRATION_STEPS = 4  # int8-static*: sampler steps per calibration prompt
