@@ -81,7 +81,7 @@ def test_the_evaluation_prompts_are_the_fixed_set_the_readme_reports():
 def test_tiled_decoding_leaves_no_visible_seams():
     """Low-memory mode's tiles on a trained VAE: 192x192 images (24x24 latents) decoded in 16x16
     tiles vs whole, on six evaluation prompts. Measured 39.8-48.9 dB (mean 45.5); at 256x256,
-    37.3-45.0. Each tile's GroupNorm sees its own statistics, which is what is left to see."""
+    37.3-45.0 (latents of the previous U-Net; the VAE is the same). Each tile's GroupNorm sees its own statistics, which is what is left to see."""
     import numpy as np
 
     from sdonnx.runtime.images import decode
