@@ -16,9 +16,8 @@ It writes a complete diffusers folder, OUT/source, that `sdonnx export` turns in
     python -m sdonnx.models.train --out build/embedded --stage unet # reuses OUT/vae
 
 Each stage writes OUT/<stage>-loss.csv (one row per step; the position stage OUT/position-loss.csv)
-and OUT/<stage>-report.json. torch,
-diffusers and transformers are imported inside the training functions only, so that importing
-sdonnx.models stays torch-free. Threads: torch's default (all cores); set OMP_NUM_THREADS to share.
+and OUT/<stage>-report.json. torch, diffusers and transformers are imported inside the training
+functions only, so that importing sdonnx.models stays torch-free. Threads: torch's default (all cores); set OMP_NUM_THREADS to share.
 """
 
 from __future__ import annotations
