@@ -10,8 +10,8 @@ materializes them, with the softmax's output beside them.
 - fused: every attention (self and cross) becomes one com.microsoft.MultiHeadAttention node, the op
   ONNX Runtime's transformer optimizer produces. Its CPU kernel computes attention in blocks (MLAS
   flash attention); the CUDA and DirectML providers have kernels for it too.
-  Emitted at export rather than fused afterwards with ORT's optimizer: that pass needs ~6x the graph
-  in RAM (20 GB for SD 1.5), turns CPU self-attention into the `Attention` op, which has no blocked
+  Emitted at export rather than fused afterwards with ORT's optimizer: that pass needs ~5x the graph
+  in RAM (16 GB for SD 1.5), turns CPU self-attention into the `Attention` op, which has no blocked
   CPU kernel, and its head-count detection fails under NumPy >= 2.4 (benchmarks/ort_optimizer.py
   measures it all).
 

@@ -30,7 +30,9 @@ from sdonnx.errors import InputError
 from sdonnx.export.writer import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.draw import caption
-from sdonnx.models.train import SCHEDULE, TrainConfig, _config_record, _loss_log, encode_drawings, write_source
+from sdonnx.models.train import (
+    SCHEDULE, TrainConfig, _config_record, _loss_log, alphas_cumprod, encode_drawings, update_average, write_source,
+)
 from sdonnx.runtime.denoiser import LCM_SIGMA_DATA
 from sdonnx.runtime.schedules import LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING
 
@@ -105,8 +107,7 @@ def distill(config: DistillConfig) -> Path:
     with torch.no_grad():
         empty = text_encoder(torch.from_numpy(tokenizer([""]))).last_hidden_state
 
-    betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    cumulative = alphas_cumprod()
     stride = SCHEDULE["num_train_timesteps"] // LCM_ORIGINAL_STEPS
     grid = torch.arange(1, LCM_ORIGINAL_STEPS + 1) * stride - 1  # LCMScheduler's 50 original timesteps
 
@@ -128,8 +129,8 @@ def distill(config: DistillConfig) -> Path:
                 ).last_hidden_state
             t = grid[torch.from_numpy(rng.integers(LCM_ORIGINAL_STEPS, size=n))]
             t_prev = (t - stride).clamp(min=0)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            a_prev = alphas_cumprod[t_prev].view(-1, 1, 1, 1)
+            a = cumulative[t].view(-1, 1, 1, 1)
+            a_prev = cumulative[t_prev].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * torch.randn_like(latents)
 
             skip, out_scale = (s.view(-1, 1, 1, 1) for s in boundary_scalings(t))
@@ -150,9 +151,7 @@ def distill(config: DistillConfig) -> Path:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
-            with torch.no_grad():
-                for slow, fast in zip(target.parameters(), student.parameters()):
-                    slow.lerp_(fast, 1 - config.ema_decay)
+            update_average([target], list(student.parameters()), config.ema_decay)
             writer.writerow([step, f"{loss.item():.6g}"])
             progress.set_postfix(loss=f"{loss.item():.4f}")
     report = {

@@ -321,6 +321,23 @@ def write_source(folder: Path, text_encoder, unet, vae) -> None:
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
+def alphas_cumprod():
+    """SCHEDULE's cumulative alphas, a torch float32 tensor [1000]."""
+    import torch
+
+    betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5, 1000) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def update_average(averaged, parameters, decay: float) -> None:
+    """Move the parameters of the modules `averaged` towards `parameters` (same order): an EMA step."""
+    import torch
+
+    with torch.no_grad():
+        for slow, fast in zip((p for module in averaged for p in module.parameters()), parameters):
+            slow.lerp_(fast, 1 - decay)
+
+
 def position_scene(rng: np.random.Generator, split: str = "train") -> Scene:
     """The position stage's drawing: one large red square on blue, at a random position."""
     return place("square", "red", "blue", "large", POSITIONS[rng.integers(len(POSITIONS))], rng)
@@ -346,9 +363,8 @@ def fit(text_encoder, unet, data: tuple, words: Callable, config: TrainConfig, s
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.unet_learning_rate, total_steps=steps, pct_start=0.05
     )
-    betas = torch.linspace(SCHEDULE["beta_start"] ** 0.5, SCHEDULE["beta_end"] ** 0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    cumulative = alphas_cumprod()
+    snr = cumulative / (1 - cumulative)
     # Weights per t of the eps loss, as weights of the x0 error divided by SNR: min-SNR-gamma (Hang et
     # al. 2023) caps the low-noise end, the floor lifts the high-noise end.
     x0_weights = snr.clamp(max=config.snr_gamma) if config.snr_gamma else snr
@@ -370,7 +386,7 @@ def fit(text_encoder, unet, data: tuple, words: Callable, config: TrainConfig, s
             states = text_encoder(torch.from_numpy(tokenizer(prompts))).last_hidden_state
             t = torch.randint(0, 1000, (config.unet_batch_size,))
             noise = torch.randn_like(latents)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            a = cumulative[t].view(-1, 1, 1, 1)
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             error = (unet(noisy, t, states).sample - noise).pow(2).mean(dim=(1, 2, 3))
             loss = (weights[t] * error).mean()
@@ -379,9 +395,7 @@ def fit(text_encoder, unet, data: tuple, words: Callable, config: TrainConfig, s
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             if averaged:
-                with torch.no_grad():
-                    for slow, fast in zip((p for m in averaged for p in m.parameters()), parameters):
-                        slow.lerp_(fast, 1 - config.ema_decay)
+                update_average(averaged, parameters, config.ema_decay)
             rate = schedule.get_last_lr()[0]
             schedule.step()
             writer.writerow([step, f"{loss.item():.6g}", f"{rate:.6g}"])
