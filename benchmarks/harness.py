@@ -36,7 +36,7 @@ import numpy as np
 
 from common import CACHE, SD15_PROMPT, machine, make_variant, psnr, run_worker
 
-from sdonnx.export import ATTENTION
+from sdonnx.export import ATTENTION, ExportConfig
 
 PROMPTS = {"sd15": SD15_PROMPT, "embedded": "a red circle on a blue background"}
 DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
@@ -64,7 +64,7 @@ def export(model: str, work: Path, attention: str) -> tuple[Path, Path]:
         return EMBEDDED_MODEL, work / attention  # the committed export was made with sliced attention
     onnx = work / f"sdonnx-fp32-{attention}"
     if not (onnx / "manifest.json").is_file():
-        from sdonnx.export import ExportConfig, export_model
+        from sdonnx.export import export_model
 
         print(f"exporting {source(model)} -> {onnx} (attention {attention})", file=sys.stderr)
         export_model(ExportConfig(source=str(source(model)), out=onnx, overwrite=True, quiet=True,
@@ -106,8 +106,6 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     """system -> (python to run it with, job without its output paths)."""
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
-    from sdonnx.export import ExportConfig
-
     size = args.size or (64 if args.model == "embedded" else 256)
     common = {"prompt": PROMPTS[args.model], "size": size, "steps": args.steps, "guidance": args.guidance,
               "threads": args.threads, "latents": str(write_latents(work / f"latents-{size}.npy", size, args.seed))}
