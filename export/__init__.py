@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import importlib
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from sdonnx.errors import InputError, SdonnxError
 from sdonnx.export.check import PSNR_CAP_DB
+from sdonnx.files import check_destination, scratch_folder, staged_files, staged_folder
 
 if TYPE_CHECKING:
     from sdonnx.export.source import SourceModel
@@ -91,13 +91,18 @@ def export_model(config: ExportConfig) -> Manifest:
 
     Raises InputError for bad arguments or destinations, ExportError when loading, exporting or the
     parity check fails (OUT is then left as it was), SdonnxError when the export extras are missing.
+    OUT is checked first, before anything is imported or loaded: it may not be SOURCE (or --config),
+    lie inside it or hold it, and --overwrite replaces only a previous model folder (`check_destination`).
     """
+    check_destination(
+        config.out, sources={"SOURCE": config.source, "CONFIG": config.config}, overwrite=config.overwrite
+    )
     _require_export_extras()
     if config.dtype != "fp32":
         return _export_quantized(config)
     from sdonnx.export import graphs
     from sdonnx.export.source import load_source
-    from sdonnx.export.writer import staged_folder, write_pipeline_files
+    from sdonnx.export.writer import write_pipeline_files
 
     say = _Progress(config.quiet)
     with staged_folder(config.out, overwrite=config.overwrite) as folder:
@@ -118,13 +123,13 @@ def _export_quantized(config: ExportConfig) -> Manifest:
     """Export fp32 into a hidden folder, then quantize it into OUT's staging folder, published as OUT.
 
     OUT is checked before the export starts, and nothing appears there unless both steps complete.
+    The fp32 export lives in a marked scratch folder beside OUT, which staging cleans if a kill leaves it.
     """
-    from sdonnx.export.writer import staged_folder
     from sdonnx.quantize import QuantizeConfig, quantize_model
 
     with staged_folder(config.out, overwrite=config.overwrite) as stage:
-        with tempfile.TemporaryDirectory(dir=stage.parent, prefix=f".{config.out.name}.fp32.") as tmp:
-            fp32 = Path(tmp) / "fp32"
+        with scratch_folder(config.out) as tmp:
+            fp32 = tmp / "fp32"
             export_model(replace(config, out=fp32, dtype="fp32", overwrite=False))
             # quantize_model stages beside `stage` as well and replaces the (empty) stage with its result.
             recipe = QuantizeConfig(
@@ -217,10 +222,12 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: Export
         graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name])
     files = {
         path.relative_to(folder).as_posix(): sha256_file(path)
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
+        for path in staged_files(folder)
+        if path.name != MANIFEST_NAME
     }
-    return Manifest(graphs=graphs, versions=_versions(config.opset), files=files, **facts)
+    return Manifest(
+        graphs=graphs, versions=_versions(config.opset), files=files, unet_attention=config.attention, **facts
+    )
 
 
 def _versions(opset: int) -> dict[str, str]:

@@ -7,6 +7,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
 from sdonnx.export import ATTENTION, DTYPES, OPSETS, ExportConfig, export_model
 
@@ -63,20 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the ExportConfig from parsed arguments and export; returns the exit status."""
-    config = ExportConfig(
-        source=args.source,
-        out=args.out,
-        opset=args.opset,
-        static_shape=parse_static_shape(args.static_shape),
-        allow_pickle=args.allow_pickle,
-        overwrite=args.overwrite,
-        quiet=args.quiet,
-        min_psnr=args.min_psnr,
-        config=args.config,
-        dtype=args.dtype,
-        attention=args.attention,
-    )
-    export_model(config)
+    export_model(config_from_args(ExportConfig, args, static_shape=parse_static_shape(args.static_shape)))
     return 0
 
 

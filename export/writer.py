@@ -1,65 +1,17 @@
-"""Atomic output: an export is built in a hidden folder beside OUT and renamed into place when complete.
+"""The export folder's non-ONNX files in optimum's layout: model_index.json, scheduler/, tokenizer/, configs.
 
-Same filesystem, so the final rename is atomic; on any exception or Ctrl-C the hidden folder is
-removed and OUT is untouched. Also writes the folder's non-ONNX files in optimum's layout.
+The folder itself is built and published atomically by `sdonnx.files.staged_folder`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from sdonnx.errors import ExportError, InputError
+from sdonnx.errors import ExportError
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@contextmanager
-def staged_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty folder beside `out`; it becomes `out` only if the block completes.
-
-    Checks `out` first (so that a bad destination fails before any heavy work): an existing file or
-    a non-empty folder without overwrite, or a parent that is missing or not writable, is an InputError.
-    """
-    out = Path(out)
-    if out.is_file():
-        raise InputError("out", str(out), "a folder path (a file is there)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError("out", str(out), "a new or empty folder (pass --overwrite to replace it)")
-    staging = _sibling(out, "partial")
-    try:
-        staging.mkdir()
-    except OSError as e:
-        raise InputError("out", str(out), f"a path in an existing, writable folder ({e.strerror})") from None
-    try:
-        yield staging
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _sibling(out: Path, role: str) -> Path:
-    return out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.{role}"
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename staging to out; an existing out is moved aside first and deleted only once replaced."""
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    old = _sibling(out, "old")
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_pipeline_files(folder: Path, source: Any) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
-from sdonnx.export.writer import staged_folder
+from sdonnx.files import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.draw import caption
 from sdonnx.models.train import (
@@ -175,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
         if field.name not in ("out", "teacher"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=types[type(field.default)],
                                 default=field.default)
-    return DistillConfig(**vars(parser.parse_args(argv)))
+    return config_from_args(DistillConfig, parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -21,10 +21,10 @@ from sdonnx.models.draw import evaluation_prompts
 from sdonnx.models.judge import accuracy, judge
 from sdonnx.runtime.cli import parse_interval
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
-from sdonnx.runtime.samplers import SAMPLERS
+from sdonnx.runtime.sampling import SAMPLERS
 
 # The runtime's defaults: the model is judged as a user gets it.
-DEFAULTS = {f.name: f.default for f in fields(GenerationConfig) if f.name in ("steps", "guidance", "sampler")}
+DEFAULTS = {f.name: f.default for f in fields(GenerationConfig) if f.name == "sampler"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,8 @@ def score(pipe, sampler: str, *, prompts: int = 200, steps: int | None = None, g
     """Generate one image per evaluation prompt (seed + i for prompt i) and judge them, split by split.
 
     settings: other GenerationConfig fields (guidance_interval, schedule, ...)."""
-    steps = DEFAULTS["steps"] if steps is None else steps
-    guidance = DEFAULTS["guidance"] if guidance is None else guidance
+    resolved = GenerationConfig("", steps=steps, guidance=guidance).with_defaults(pipe.manifest.recommended)
+    steps, guidance = resolved.steps, resolved.guidance  # the model's recommended settings when not given
     pairs = evaluation_prompts(prompts)
     started = time.monotonic()
     verdicts = [

@@ -35,8 +35,9 @@ from typing import Callable
 
 import numpy as np
 
+from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
-from sdonnx.export.writer import staged_folder
+from sdonnx.files import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.checkpoints import save_text_encoder
 from sdonnx.models.draw import POSITIONS, SPLITS, Scene, caption, draw, place, sample_scene
@@ -476,7 +477,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, type=_channels, default=field.default, help="comma-separated channel counts")
         else:
             parser.add_argument(flag, type=types[type(field.default)], default=field.default)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return config_from_args(TrainConfig, parser.parse_args(argv))
 
 
 STAGE_FUNCTIONS = {"vae": train_vae, "unet": train_unet, "all": train_all}

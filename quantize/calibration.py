@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sdonnx.errors import InputError
-from sdonnx.runtime.model import ModelFolder
+from sdonnx.runtime.model import ModelFolder, Sessions
 from sdonnx.runtime.pipeline import Pipeline
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.runtime.session import Session
@@ -72,7 +72,8 @@ def record_feeds(
     """
     model = ModelFolder.load(folder, RuntimeOptions(provider="cpu"))
     recorders = {c: Recorder(model.sessions[c]) for c in components}
-    recorded = replace(model, sessions={**model.sessions, **recorders})
+    sessions = Sessions(list(model.sessions), lambda c: recorders.get(c) or model.sessions[c], model.sessions.policy)
+    recorded = replace(model, sessions=sessions)
     pipe = Pipeline(recorded, ClipTokenizer.from_folder(model.tokenizer_dir, model.manifest.tokenizer_max_length),
                     progress=False)
     size = min(model.manifest.default_image_size, MAX_CALIBRATION_SIZE)

@@ -15,7 +15,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sdonnx.export.check import Parity, compare
-from sdonnx.runtime.manifest import Manifest, TensorSpec
+from sdonnx.runtime.denoiser import timestep_input
+from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.providers import RuntimeOptions, session_options
 from sdonnx.runtime.session import Session
 from sdonnx.runtime.tokenizer import ClipTokenizer
@@ -46,7 +47,11 @@ def check_feeds(root: Path, manifest: Manifest, seed: int = 0) -> dict[str, list
     feeds = {
         "text_encoder": [{"input_ids": ids}],
         "unet": [
-            {"sample": sample, "timestep": _timestep(unet.input("timestep"), t, 2), "encoder_hidden_states": embeddings}
+            {
+                "sample": sample,
+                "timestep": timestep_input(unet.input("timestep"), t, 2),
+                "encoder_hidden_states": embeddings,
+            }
             for t in CHECK_TIMESTEPS
         ],
         "vae_decoder": [
@@ -78,10 +83,3 @@ def worst(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mappin
 
 def finite(outputs: Sequence[Mapping[str, np.ndarray]]) -> bool:
     return all(bool(np.isfinite(v).all()) for out in outputs for v in out.values())
-
-
-def _timestep(spec: TensorSpec | None, value: float, batch: int) -> np.ndarray:
-    dtype = spec.dtype if spec is not None else "float32"
-    if spec is not None and spec.rank == 1:
-        return np.full((batch,), value, dtype=dtype)
-    return np.array(value, dtype=dtype)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import fields
 from pathlib import Path
 
+from sdonnx.config import config_from_args
 from sdonnx.errors import SdonnxError
 from sdonnx.quantize import INSTALL_HINT
 from sdonnx.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_CALIBRATION_STEPS, DEFAULT_RECIPE, RECIPES
@@ -55,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
                               f"install them with: {INSTALL_HINT}") from None
     from sdonnx.quantize.quantizer import QuantizeConfig, quantize_model
 
-    quantize_model(QuantizeConfig(**{f.name: getattr(args, f.name) for f in fields(QuantizeConfig)}))
+    quantize_model(config_from_args(QuantizeConfig, args))
     return 0

@@ -2,9 +2,11 @@
 
 Each graph gets the precision its recipe names (`recipes.RECIPES`), is checked against its fp32
 source on seeded inputs (`check`), and falls back to fp32 with a message if its outputs hold NaN or
-inf. The folder is built beside OUT and renamed into place only when complete (export's
-`staged_folder`); the new manifest.json records each graph's precision, IO (read from the new graph),
-its parity with fp32 and the sha256 of every file, plus a `quantization` section naming the recipe.
+inf. The folder is built beside OUT and renamed into place only when complete
+(`sdonnx.files.staged_folder`); OUT may not be MODEL, lie inside it or hold it, and --overwrite
+replaces only a previous model folder (`sdonnx.files.check_destination`). The new manifest.json
+records each graph's precision, IO (read from the new graph), its parity with fp32 and the sha256
+of every file, plus a `quantization` section naming the recipe.
 
 Input is a folder written by `sdonnx export` or an optimum export: for the latter the facts are
 derived from its configs exactly as the runtime does (`ModelFolder.load`), so nothing is guessed
@@ -21,7 +23,7 @@ from typing import Callable, Sequence
 import onnx
 
 from sdonnx.errors import InputError
-from sdonnx.export.writer import staged_folder
+from sdonnx.files import check_destination, staged_files, staged_folder
 from sdonnx.quantize import check
 from sdonnx.quantize.calibration import read_prompts, record_feeds
 from sdonnx.quantize.convert import STATIC_ACTIVATIONS, convert_graph, op_types
@@ -74,9 +76,10 @@ class QuantizeConfig:
 def quantize_model(config: QuantizeConfig) -> Manifest:
     """Write the quantized folder at config.out and return its manifest; nothing is written on failure."""
     root, out = Path(config.model), Path(config.out)
+    # Before MODEL is read: OUT must be neither MODEL (the fp32 graphs are the check's reference) nor
+    # in or around it, and --overwrite replaces only a previous model folder.
+    check_destination(out, sources={"MODEL": root}, overwrite=config.overwrite)
     source = _fp32_manifest(root)
-    if out.resolve() == root.resolve():
-        raise InputError("out", str(out), "a folder other than MODEL (the fp32 graphs are the check's reference)")
     recipe = RECIPES[config.recipe]
     static = [c for c in source.graphs if recipe[c] in STATIC_ACTIVATIONS]
     prompts = read_prompts(config.calibration_prompts) if static or config.calibration_prompts else ()
@@ -93,9 +96,7 @@ def quantize_model(config: QuantizeConfig) -> Manifest:
                 root, stage, component, spec, recipe[component], feeds[component],
                 block_size=config.block_size, calibration=calibration.get(component, ()), say=say,
             )
-        files = {
-            p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()
-        }
+        files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in staged_files(stage)}
         quantization = {
             "recipe": config.recipe,
             "block_size": config.block_size,

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
 from sdonnx.models import EMBEDDED_MODEL
+from sdonnx.runtime.integrity import verify_folder
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
-from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder
-from sdonnx.runtime.pipeline import IMG2IMG_STRENGTH, RNGS, GenerationConfig, Pipeline
+from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder, read_facts
+from sdonnx.runtime.pipeline import RNGS, GenerationConfig, Pipeline
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
-from sdonnx.runtime.samplers import SAMPLERS
+from sdonnx.runtime.request import check_request
+from sdonnx.runtime.sampling import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
+from sdonnx.runtime.starts import IMG2IMG_STRENGTH, INPAINT_STRENGTH
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
 
@@ -38,15 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model folder, an sdonnx or optimum export (default: the embedded model, no download needed)",
     )
     generate.add_argument("-n", "--negative-prompt", help="what the image should not show")
-    generate.add_argument("--steps", type=int, help=f"sampler steps (default {_DEFAULTS['steps']})")
-    guidance = _DEFAULTS["guidance"]
-    generate.add_argument("--guidance", type=float, help=f"guidance scale; <= 1 turns CFG off (default {guidance})")
+    generate.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended, else 30)")
+    generate.add_argument(
+        "--guidance", type=float,
+        help="guidance scale, 0 to 50; <= 1 turns CFG off (default: the model's recommended, else 7.5)",
+    )
     generate.add_argument("--guidance-rescale", type=float, help="guidance rescale in [0, 1] (default 0)")
     generate.add_argument(
         "--guidance-interval", metavar="LOW,HIGH",
         help="apply guidance only for sigmas in [LOW, HIGH]; other steps run the U-Net once, not twice (default: all)",
     )
-    generate.add_argument("--sampler", help=f"{', '.join(SAMPLERS)} (default {_DEFAULTS['sampler']})")
+    generate.add_argument(
+        "--sampler",
+        help=f"{', '.join(SAMPLERS)}, or A1111's name (\"Euler a\", \"DPM++ 2M\", ...) (default {_DEFAULTS['sampler']})",
+    )
     generate.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
     generate.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
     generate.add_argument("--size", metavar="WxH", help="image size, e.g. 512x512 (default: the model's native size)")
@@ -62,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--strength", type=float,
         help=f"with --init-image: the share of the steps that runs, 0..1 (default {IMG2IMG_STRENGTH} for img2img, "
-        f"{_DEFAULTS['strength']} with --mask)",
+        f"{INPAINT_STRENGTH:g} with --mask)",
     )
     generate.add_argument(
         "--from-png", type=Path, metavar="FILE",
@@ -78,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = subparsers.add_parser("info", help="show a model folder's facts and graphs", description=_info.__doc__)
     info.add_argument("model", metavar="MODEL", nargs="?", type=Path, default=EMBEDDED_MODEL,
                       help="model folder (default: the embedded model)")
+    info.add_argument("--verify", action="store_true", help="re-hash every file against manifest.json, cache or not")
     _add_runtime_flags(info)
     info.set_defaults(func=_info)
 
@@ -99,20 +108,12 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
         help="keep CPU graphs as onnxruntime optimized them in DIR, so later loads skip that work",
     )
     parser.add_argument(
+        "--no-verify", dest="verify_integrity", action="store_false",
+        help="load files that differ from the sha256 manifest.json records (default: refuse them)",
+    )
+    parser.add_argument(
         "--low-memory", action="store_true",
         help="lowest peak memory, slower: one graph open at a time, CFG halves in turn, VAE decoded in tiles",
-    )
-
-
-def _runtime_options(args: argparse.Namespace) -> RuntimeOptions:
-    return RuntimeOptions(
-        provider=args.provider,
-        threads=args.threads,
-        graph_optimization=args.graph_optimization,
-        memory_arena=args.memory_arena,
-        device_id=args.device_id,
-        low_memory=args.low_memory,
-        graph_cache=args.graph_cache,
     )
 
 
@@ -122,10 +123,12 @@ def _generate(args: argparse.Namespace) -> int:
     init_image, mask = _checked_image("init_image", args.init_image), _checked_image("mask", args.mask)
     if mask is not None and init_image is None:
         raise InputError("mask", str(mask), "--init-image too (the image to inpaint)")
-    outputs = output_paths(Path(args.output), config.batch)
+    outputs = output_paths(args.output, config.batch)
+    options = config_from_args(RuntimeOptions, args)
+    root, facts = read_facts(args.model)
+    config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
 
-    options = dataclasses.asdict(_runtime_options(args))
-    pipe = Pipeline.load(args.model, options.pop("provider"), progress=not args.quiet, **options)
+    pipe = Pipeline.load(root, options, progress=not args.quiet)
     images = pipe.generate(config, image=init_image, mask=mask)  # img2img with an image, inpainting with a mask
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
@@ -138,33 +141,19 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> GenerationConfig:
     """The flags as a GenerationConfig, over the settings of --from-png's file when given."""
-    fields = parse_parameters(read_parameters(args.from_png)) if args.from_png is not None else {}
+    saved = parse_parameters(read_parameters(args.from_png)) if args.from_png is not None else {}
     if args.init_image is None:
-        fields.pop("strength", None)  # an img2img PNG re-run without its init image is a text-to-image run
-    flags = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "guidance_rescale": args.guidance_rescale,
-        "sampler": args.sampler,
-        "schedule": args.schedule,
-        "seed": args.seed,
-        "batch": args.batch,
-        "rng": args.rng,
-        "clip_skip": args.clip_skip,
-        "strength": args.strength,
-    }
-    if args.size is not None:
-        flags["width"], flags["height"] = parse_size(args.size)
-    if args.guidance_interval is not None:
-        flags["guidance_interval"] = parse_interval(args.guidance_interval)
-    fields |= {k: v for k, v in flags.items() if v is not None}
-    if args.init_image is not None and args.mask is None:
-        fields.setdefault("strength", IMG2IMG_STRENGTH)  # as Pipeline.img2img: strength 1 would ignore the image
-    if "prompt" not in fields:
+        if args.strength is not None:
+            raise InputError("strength", args.strength, "--init-image too (strength is how far to noise it)")
+        saved.pop("strength", None)  # an img2img PNG re-run without its init image is a text-to-image run
+    if args.prompt is None and "prompt" not in saved:
         raise InputError("prompt", None, "a prompt, or --from-png FILE")
-    return GenerationConfig(**fields)
+    parsed = {}
+    if args.size is not None:
+        parsed["width"], parsed["height"] = parse_size(args.size)
+    if args.guidance_interval is not None:
+        parsed["guidance_interval"] = parse_interval(args.guidance_interval)
+    return config_from_args(GenerationConfig, args, defaults=saved, **parsed)
 
 
 def _checked_image(name: str, path: Path | None) -> Path | None:
@@ -181,10 +170,13 @@ def _checked_image(name: str, path: Path | None) -> Path | None:
 
 def _info(args: argparse.Namespace) -> int:
     """Show what the runtime reads from a model folder: its facts, each graph's IO, the providers."""
-    options = _runtime_options(args)
+    options = config_from_args(RuntimeOptions, args)
     optional = [c for c in GRAPH_IO if c not in REQUIRED]
     model = ModelFolder.load(args.model, options, optional=optional)
     m = model.manifest
+    if args.verify:
+        checked = verify_folder(model.root, None if model.derived else m, full=True)
+        print(f"verified: {checked.skipped or f'{len(checked.hashed)} files match manifest.json'}")
     print(f"model: {model.root}")
     print(f"facts from: {'configs (no manifest.json; derived)' if model.derived else 'manifest.json'}")
     for name in ("family", "prediction_type", "latent_channels", "vae_scaling_factor", "vae_shift_factor",
@@ -224,15 +216,8 @@ def parse_interval(text: str) -> tuple[float, float]:
     return low, high
 
 
-def output_paths(path: Path, batch: int) -> list[Path]:
-    """The PNG path(s) to write; InputError now, before any work, if they cannot be written."""
-    if path.suffix.lower() != ".png":
-        raise InputError("output", str(path), "a path ending in .png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError("output", str(path), f"a path in an existing directory ({parent} does not exist)")
-    if not os.access(parent, os.W_OK):
-        raise InputError("output", str(path), f"a path in a writable directory ({parent} is not writable)")
-    if batch == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, batch + 1)]
+def output_paths(path: str | Path, batch: int) -> list[Path]:
+    """The PNG path(s) to write; InputError now, before any work, if they cannot be written (`output_files`)."""
+    from sdonnx.files import output_files
+
+    return output_files(path, batch)

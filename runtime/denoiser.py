@@ -1,62 +1,107 @@
-"""The one adapter between the U-Net and the samplers: (x, sigma) -> denoised x0.
+"""The denoiser, composed as k-diffusion's external.py: a U-Net adapter wrapped by guidance.
 
-Only this module knows the prediction type, how sigma maps to the U-Net's timestep (dtype and rank
-included), the input scaling and classifier-free guidance. Samplers see k-diffusion space only:
-x = x0 + sigma * eps, and the U-Net gets the VP sample x / sqrt(sigma^2 + 1).
+Samplers see k-diffusion space only (x = x0 + sigma * eps) and call `denoise(x, sigma) -> x0`.
+Two small pieces make that call:
 
-Inpainting lives here too, as what the U-Net sees: a 9-channel U-Net gets the mask and the
-masked image's latents after the scaled sample (`extra_channels`); for a 4-channel U-Net,
-`KeepUnmasked` shows it the init image, noised to the current sigma, outside the mask.
+- `UNetModel`, the model adapter, is the only code that runs the U-Net. It knows the prediction
+  type, how sigma maps to the U-Net's timestep (the plan's exact timesteps; dtype and rank as the
+  graph declares them), the input scaling x / sqrt(sigma^2 + 1), and LCM's boundary condition.
+  Everything else the U-Net reads comes in as data, a `Conditioning`: the text embeddings and any
+  other named input (SDXL's `text_embeds` and `time_ids` are two more entries), and channels
+  appended to the sample (an inpainting U-Net's mask and masked-image latents).
+- `GuidedDenoiser` is classifier-free guidance around it: the uncond || cond batch, the scale,
+  guidance rescale, the sigma interval where guidance applies, and at most how many images go
+  into one U-Net run (the memory policy's choice).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property, partial
-from typing import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Mapping
 
 import numpy as np
 
+from sdonnx.config import check_real
 from sdonnx.errors import InputError, ModelError
+from sdonnx.runtime.manifest import PREDICTION_TYPES, Manifest, TensorSpec, TrainingSchedule
+from sdonnx.runtime.schedules import Plan, sigma_to_timestep
+from sdonnx.runtime.session import Session
 
-from .manifest import PREDICTION_TYPES, TensorSpec, TrainingSchedule
-from .schedules import Sigmas, sigma_to_timestep
-
-UNet = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-Denoise = Callable[[np.ndarray, float], np.ndarray]
+UNet = Callable[..., np.ndarray]  # unet(sample=, timestep=, encoder_hidden_states=, ...) -> model output
 TIMESTEP_DTYPES = ("float32", "float16", "int64", "int32")
 LCM_SIGMA_DATA = 0.5
+MAX_GUIDANCE = 50.0  # A1111's slider stops at 30; far beyond, the guided output is noise
+UNET_OUTPUT = "out_sample"
 
 
 @dataclass(frozen=True)
-class Denoiser:
-    """denoise(x [B, C, h, w] float32, sigma) -> x0 [B, C, h, w] float32, with one U-Net call.
+class Conditioning:
+    """What the U-Net sees for a batch of B images besides its sample and timestep.
 
-    unet(sample, timestep, encoder_hidden_states) -> model output, all NumPy (an ONNX session's run).
-    cond / uncond: text embeddings [B, S, D]. guidance_scale <= 1 skips the unconditional half; above
-    it the U-Net runs once on the batch uncond || cond. guidance_rescale is diffusers' rescale_noise_cfg.
-    plan: the sampling plan, whose exact timesteps (rounded or fractional, as diffusers' scheduler
-    chose them) and LCM boundary condition apply; sigmas off the plan map by log-sigma interpolation.
-    extra_channels: [B, E, h, w] appended to the scaled sample on the channel axis, for U-Nets that
-    take more than the latent (an inpainting U-Net: mask || masked-image latents).
-    guidance_interval: (low, high) sigmas; guidance applies only for sigma in [low, high] and outside
-    it the U-Net runs the cond half alone, half the work (Kynkäänniemi et al. 2024, "Applying
-    guidance in a limited interval improves sample and distribution quality").
+    inputs: U-Net inputs by name, each [B, ...]: encoder_hidden_states [B, S, D] always; families
+    with more conditioning add entries (SDXL: text_embeds [B, 1280], time_ids [B, 6]).
+    channels: [B, E, h, w] appended to the scaled sample on the channel axis, or None.
+    The arrays are the same at every step, so they are made read-only once.
+    """
+
+    inputs: Mapping[str, np.ndarray]
+    channels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        arrays = [*self.inputs.values(), *([] if self.channels is None else [self.channels])]
+        if not arrays or len({len(a) for a in arrays}) != 1:
+            shapes = {k: np.shape(v) for k, v in self.inputs.items()}
+            raise InputError("conditioning", f"shapes {shapes}, channels {np.shape(self.channels)}", "one batch size")
+        if self.channels is not None and np.ndim(self.channels) != 4:
+            raise InputError("channels", f"shape {np.shape(self.channels)}", "[batch, channels, h, w]")
+        for array in arrays:
+            array.flags.writeable = False
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def after(self, first: Conditioning) -> Conditioning:
+        """first || self on the batch axis (CFG's uncond || cond)."""
+        if set(first.inputs) != set(self.inputs) or (first.channels is None) != (self.channels is None):
+            raise InputError("uncond", sorted(first.inputs), f"the inputs of cond, {sorted(self.inputs)}")
+        for name, value in first.inputs.items():
+            if np.shape(value) != np.shape(self.inputs[name]):
+                raise InputError(f"uncond {name}", f"shape {np.shape(value)}", f"cond's {np.shape(self.inputs[name])}")
+        channels = None if self.channels is None else np.concatenate([first.channels, self.channels])
+        return Conditioning({k: np.concatenate([first.inputs[k], v]) for k, v in self.inputs.items()}, channels)
+
+    def part(self, start: int, stop: int) -> Conditioning:
+        """Images start..stop of the batch."""
+        channels = None if self.channels is None else self.channels[start:stop]
+        return Conditioning({k: v[start:stop] for k, v in self.inputs.items()}, channels)
+
+
+def text_conditioning(embeddings: np.ndarray, channels: np.ndarray | None = None) -> Conditioning:
+    """A Conditioning of the text embeddings [B, S, D] alone (SD 1.x/2.x), plus optional channels."""
+    return Conditioning({"encoder_hidden_states": embeddings}, channels)
+
+
+@dataclass(frozen=True)
+class UNetModel:
+    """The model adapter: x [B, C, h, w] float32 at sigma, with a Conditioning of batch B, -> the
+    U-Net's output [B, C, h, w] float32 (`predict`); that output -> x0 (`denoised`).
+
+    unet(**feeds) -> output: the only U-Net call there is. sample_spec / timestep_spec: the graph's
+    declared inputs (their dtypes, the timestep's rank, a fixed batch). input_dtypes: the declared
+    dtype of each conditioning input, which `cast` converts to (a fp16 graph). plan: the sampling plan,
+    whose exact timesteps (rounded or fractional, as diffusers' scheduler chose them) and LCM
+    boundary condition apply; sigmas off the plan map by log-sigma interpolation.
     """
 
     unet: UNet
     schedule: TrainingSchedule
     prediction_type: str
+    sample_spec: TensorSpec
     timestep_spec: TensorSpec
-    cond: np.ndarray
-    uncond: np.ndarray | None = None
-    guidance_scale: float = 1.0
-    guidance_rescale: float = 0.0
-    sample_dtype: str = "float32"
-    plan: Sigmas | None = None
-    extra_channels: np.ndarray | None = None
-    guidance_interval: tuple[float, float] | None = None
+    plan: Plan | None = None
+    input_dtypes: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -67,96 +112,52 @@ class Denoiser:
                 f"unet input {spec.name!r}: got {spec.dtype} of rank {spec.rank}, "
                 f"expected one of {list(TIMESTEP_DTYPES)} of rank 0 or 1"
             )
-        if np.ndim(self.cond) != 3:
-            raise InputError("cond", f"shape {np.shape(self.cond)}", "text embeddings [batch, tokens, dim]")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise InputError("guidance_scale", self.guidance_scale, "a finite number >= 0")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise InputError("guidance_rescale", self.guidance_rescale, "a number from 0 to 1")
-        if self.extra_channels is not None and (
-            np.ndim(self.extra_channels) != 4 or len(self.extra_channels) != len(self.cond)
-        ):
-            raise InputError(
-                "extra_channels", f"shape {np.shape(self.extra_channels)}", f"[{len(self.cond)}, channels, h, w]"
-            )
-        if self.guidance_interval is not None:
-            check_guidance_interval(self.guidance_interval)
-        if self.guided:
-            if self.uncond is None:
-                raise InputError("uncond", None, "unconditional embeddings when guidance_scale > 1")
-            if np.shape(self.uncond) != np.shape(self.cond):
-                raise InputError("uncond", f"shape {np.shape(self.uncond)}", f"the shape of cond {np.shape(self.cond)}")
+
+    @classmethod
+    def for_session(cls, unet: Session, manifest: Manifest, plan: Plan) -> UNetModel:
+        """The adapter of a loaded U-Net session under `manifest`'s facts."""
+
+        def run(**feeds: np.ndarray) -> np.ndarray:
+            return unet.run(**feeds)[UNET_OUTPUT]
+
+        dtypes = {spec.name: spec.dtype for spec in unet.inputs}
+        return cls(
+            run, manifest.schedule, manifest.prediction_type, unet.input("sample"), unet.input("timestep"), plan, dtypes
+        )
 
     @property
-    def guided(self) -> bool:
-        return self.guidance_scale > 1.0
+    def fixed_batch(self) -> bool:
+        """True for a graph exported with a fixed batch, whose runs cannot be split."""
+        return isinstance(self.sample_spec.shape[0], int)
 
-    def guided_at(self, sigma: float) -> bool:
-        """Whether the step at `sigma` runs the unconditional half too."""
-        if not self.guided:
-            return False
-        return self.guidance_interval is None or self.guidance_interval[0] <= sigma <= self.guidance_interval[1]
+    def cast(self, cond: Conditioning) -> Conditioning:
+        """`cond` with each input in the dtype the graph declares for it (done once, not per step)."""
+        inputs = {k: v.astype(self.input_dtypes.get(k, v.dtype), copy=False) for k, v in cond.inputs.items()}
+        return Conditioning(inputs, cond.channels)
 
-    @cached_property
-    def _guided_embeddings(self) -> np.ndarray:
-        """uncond || cond [2B, S, D], the same every step.
+    def predict(self, x: np.ndarray, sigma: float, cond: Conditioning) -> np.ndarray:
+        """One U-Net run on x [B, C, h, w] at sigma -> its raw output [B, C, h, w] float32."""
+        sample = (x * (1 / math.sqrt(sigma**2 + 1))).astype(self.sample_spec.dtype)
+        if cond.channels is not None:
+            sample = np.concatenate([sample, cond.channels.astype(self.sample_spec.dtype, copy=False)], axis=1)
+        timestep = timestep_input(self.timestep_spec, self.timestep(sigma), len(sample))
+        return np.asarray(self.unet(sample=sample, timestep=timestep, **cond.inputs), dtype=np.float32)
 
-        Read-only, so a session with device IO binding uploads it once rather than every step.
-        """
-        return _read_only(np.concatenate([self.uncond, self.cond]))
-
-    @cached_property
-    def _cond_embeddings(self) -> np.ndarray:
-        """cond [B, S, D], read-only as above."""
-        return _read_only(np.array(self.cond))
-
-    @cached_property
-    def _extra_channels(self) -> np.ndarray:
-        """extra_channels in the U-Net's sample dtype, cast once: they are the same every step."""
-        return np.asarray(self.extra_channels).astype(self.sample_dtype)
-
-    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
-        batch = x.shape[0]
-        if batch != np.shape(self.cond)[0]:
-            raise InputError("cond", f"batch {np.shape(self.cond)[0]}", f"batch {batch}, the latents' batch")
-        c_in = 1 / math.sqrt(sigma**2 + 1)
-        sample = (x * c_in).astype(self.sample_dtype)
-        if self.extra_channels is not None:
-            sample = np.concatenate([sample, self._extra_channels], axis=1)
-        guided = self.guided_at(sigma)
-        if guided:
-            sample = np.concatenate([sample, sample])
-        embeddings = self._guided_embeddings if guided else self._cond_embeddings
-        t = self.timestep(sigma)
-        out = np.asarray(self.unet(sample, self._timestep_input(t, len(sample)), embeddings), dtype=np.float32)
-        if guided:
-            out_uncond, out_cond = out[:batch], out[batch:]
-            out = out_uncond + self.guidance_scale * (out_cond - out_uncond)
-            if self.guidance_rescale > 0:
-                out = rescale_noise_cfg(out, out_cond, self.guidance_rescale)
-        denoised = self._denoised(x, sigma, out)
+    def denoised(self, x: np.ndarray, sigma: float, out: np.ndarray) -> np.ndarray:
+        """x0 from x at sigma and the U-Net's (guided) output for it."""
+        if self.prediction_type == "epsilon":
+            denoised = x - sigma * out
+        elif self.prediction_type == "v_prediction":
+            denoised = x / (sigma**2 + 1) + out * (-sigma / math.sqrt(sigma**2 + 1))
+        else:
+            denoised = out
         if self.plan is not None and self.plan.timestep_scaling is not None:
-            denoised = self._consistency_boundary(denoised, x * c_in, t)
+            denoised = self._consistency_boundary(denoised, x * (1 / math.sqrt(sigma**2 + 1)), self.timestep(sigma))
         return denoised
 
     def timestep(self, sigma: float) -> float:
         exact = self.plan.timestep_at(sigma) if self.plan is not None else None
         return exact if exact is not None else float(sigma_to_timestep(self.schedule, sigma))
-
-    def _timestep_input(self, t: float, batch: int) -> np.ndarray:
-        dtype = np.dtype(self.timestep_spec.dtype)
-        value = round(t) if dtype.kind == "i" else t
-        if self.timestep_spec.rank == 0:
-            return np.asarray(value, dtype=dtype)
-        size = self.timestep_spec.shape[0]
-        return np.full((size if isinstance(size, int) else batch,), value, dtype=dtype)
-
-    def _denoised(self, x: np.ndarray, sigma: float, out: np.ndarray) -> np.ndarray:
-        if self.prediction_type == "epsilon":
-            return x - sigma * out
-        if self.prediction_type == "v_prediction":
-            return x / (sigma**2 + 1) + out * (-sigma / math.sqrt(sigma**2 + 1))
-        return out
 
     def _consistency_boundary(self, denoised: np.ndarray, sample_vp: np.ndarray, t: float) -> np.ndarray:
         """LCM's c_skip/c_out on the VP sample (LCMScheduler.get_scalings_for_boundary_condition_discrete).
@@ -170,46 +171,94 @@ class Denoiser:
         return c_out * denoised + c_skip * sample_vp
 
 
+def timestep_input(spec: TensorSpec, t: float, batch: int) -> np.ndarray:
+    """The timestep array a graph declaring `spec` takes: a scalar, or [batch] (or its fixed size);
+    rounded for integer timesteps."""
+    dtype = np.dtype(spec.dtype)
+    value = round(t) if dtype.kind == "i" else t
+    if spec.rank == 0:
+        return np.asarray(value, dtype=dtype)
+    size = spec.shape[0]
+    return np.full((size if isinstance(size, int) else batch,), value, dtype=dtype)
+
+
 @dataclass(frozen=True)
-class KeepUnmasked:
-    """4-channel inpainting: the init image, noised to the current sigma, outside the mask.
-
-    diffusers' StableDiffusionInpaintPipeline (4-channel U-Net) blends after every scheduler step:
-    x = (1 - mask) * (latents + sigma_next * noise) + mask * x, and with the clean latents after the
-    last. `wrap` blends the U-Net's input instead, which gives the same image without touching the
-    samplers: every sampler combines x, denoised and fresh noise element by element and the mask is
-    0 or 1, so where mask = 1 each trajectory is diffusers'; the only thing that mixes pixels is the
-    U-Net, which sees the blended x; where mask = 0 the trajectory differs, but `final` replaces it
-    with the clean latents. At the plan's first sigma nothing is blended: the first step sees the
-    starting x (pure noise at strength 1, as in diffusers). Between plan sigmas (DPM-2's and DPM++
-    SDE's midpoints) diffusers blends with the image noised to the next plan sigma, and so does this.
-    Step callbacks see the unblended x.
-
-    latents, noise: [B, C, h, w], the clean init latents and the unit noise that started the run;
-    mask: [B, 1, h, w] of 0/1, 1 = repaint; sigmas: the plan's, descending.
+class Guidance:
+    """Classifier-free guidance. scale <= 1 turns it off (the unconditional half never runs).
+    rescale: diffusers' guidance_rescale (Lin et al. 2023). interval: (low, high) sigmas; guidance
+    applies only for sigma in [low, high], and outside it the U-Net runs the cond half alone, half
+    the work (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample
+    and distribution quality"); None: every step.
     """
 
-    latents: np.ndarray
-    noise: np.ndarray
-    mask: np.ndarray
-    sigmas: np.ndarray
+    scale: float = 1.0
+    rescale: float = 0.0
+    interval: tuple[float, float] | None = None
 
-    def wrap(self, denoise: Denoise) -> Denoise:
-        """denoise(x, sigma) whose U-Net input is blended below the plan's first sigma."""
-        return partial(self._denoise, denoise)
+    def __post_init__(self) -> None:
+        check_real("guidance", self.scale, 0, MAX_GUIDANCE, what=" (<= 1 turns classifier-free guidance off)")
+        check_real("guidance_rescale", self.rescale, 0, 1)
+        if self.interval is not None:
+            check_guidance_interval(self.interval)
 
-    def final(self, latent: np.ndarray) -> np.ndarray:
-        """The sampled latent [B, C, h, w] with the clean init latents outside the mask."""
-        return self._blend(latent, self.latents)
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0
 
-    def _denoise(self, denoise: Denoise, x: np.ndarray, sigma: float) -> np.ndarray:
-        if sigma < self.sigmas[0]:
-            level = float(self.sigmas[np.searchsorted(-self.sigmas, -sigma)])  # the plan sigma at or below
-            x = self._blend(x, self.latents + level * self.noise)
-        return denoise(x, sigma)
+    def applies_at(self, sigma: float) -> bool:
+        """Whether the step at `sigma` runs the unconditional half too."""
+        return self.enabled and (self.interval is None or self.interval[0] <= sigma <= self.interval[1])
 
-    def _blend(self, x: np.ndarray, known: np.ndarray) -> np.ndarray:
-        return (1 - self.mask) * known + self.mask * x
+    def combine(self, out_uncond: np.ndarray, out_cond: np.ndarray) -> np.ndarray:
+        out = out_uncond + self.scale * (out_cond - out_uncond)
+        return rescale_noise_cfg(out, out_cond, self.rescale) if self.rescale > 0 else out
+
+
+@dataclass(frozen=True)
+class GuidedDenoiser:
+    """denoise(x [B, C, h, w] float32, sigma) -> x0 [B, C, h, w] float32: `model` under guidance.
+
+    cond / uncond: Conditionings of batch B (uncond may be None when guidance is off). Guided steps
+    run the U-Net on uncond || cond. max_batch: at most this many images per U-Net run (the memory
+    policy's unet_max_batch); None, or a graph with a fixed batch, runs the whole batch at once.
+    """
+
+    model: UNetModel
+    cond: Conditioning
+    uncond: Conditioning | None = None
+    guidance: Guidance = field(default_factory=Guidance)
+    max_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.guidance.enabled:
+            if self.uncond is None:
+                raise InputError("uncond", None, "unconditional inputs when guidance > 1")
+            self._pair  # checks that uncond and cond match, once
+
+    @cached_property
+    def _cond(self) -> Conditioning:
+        return self.model.cast(self.cond)
+
+    @cached_property
+    def _pair(self) -> Conditioning:
+        """uncond || cond, the same every step."""
+        return self.model.cast(self.cond.after(self.uncond))
+
+    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        batch = len(x)
+        if batch != len(self.cond):
+            raise InputError("cond", f"batch {len(self.cond)}", f"batch {batch}, the latents' batch")
+        if self.guidance.applies_at(sigma):
+            out = self._predict(np.concatenate([x, x]), sigma, self._pair)
+            out = self.guidance.combine(out[:batch], out[batch:])
+        else:
+            out = self._predict(x, sigma, self._cond)
+        return self.model.denoised(x, sigma, out)
+
+    def _predict(self, x: np.ndarray, sigma: float, cond: Conditioning) -> np.ndarray:
+        size = len(x) if self.max_batch is None or self.model.fixed_batch else self.max_batch
+        outputs = [self.model.predict(x[i : i + size], sigma, cond.part(i, i + size)) for i in range(0, len(x), size)]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
 
 def check_guidance_interval(interval: object) -> None:
@@ -222,11 +271,6 @@ def check_guidance_interval(interval: object) -> None:
     )
     if not ok:
         raise InputError("guidance_interval", interval, "(low, high) sigmas with 0 <= low < high")
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False
-    return array
 
 
 def rescale_noise_cfg(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

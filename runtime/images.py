@@ -11,7 +11,11 @@ whole image, so tiles are large and overlap by a quarter of their size.
 Init images and masks are prepared as diffusers' VaeImageProcessor prepares them: any mode in (the
 image converted to RGB, the mask to grayscale), resized with Lanczos when their size is not the one
 asked for (with a warning: sdonnx resizes rather than refuses, as diffusers does), then the image
-scaled to [-1, 1] and the mask binarized at 0.5 (1 = repaint).
+scaled to [-1, 1] and the mask binarized at 0.5 (1 = repaint). Two modes are read with care rather
+than as Pillow converts them: 16- and 32-bit grayscale (I;16, I) are scaled from their full range
+(Pillow's convert clips them at 255, so a 16-bit gradient turns almost all white), and transparency
+(RGBA, LA, P with a transparent colour) is composited: an init image on white, a mask on black (a
+transparent part of a mask is kept, not repainted), with a warning saying so.
 """
 
 from __future__ import annotations
@@ -181,7 +185,7 @@ def default_size(image: Image.Image, multiple: int) -> tuple[int, int]:
 
 def image_pixels(image: Image.Image, height: int, width: int) -> np.ndarray:
     """Any-mode image -> float32 [1, 3, height, width] in [-1, 1] (resized with Lanczos if needed)."""
-    rgb = np.asarray(_resized(image.convert("RGB"), height, width, "image"), dtype=np.float32) / 255
+    rgb = np.asarray(_resized(as_8bit(image, "RGB", "image"), height, width, "image"), dtype=np.float32) / 255
     return (2 * rgb - 1).transpose(2, 0, 1)[None]
 
 
@@ -189,8 +193,37 @@ def mask_pixels(mask: Image.Image, image: Image.Image, height: int, width: int) 
     """Any-mode mask the size of `image` -> float32 [1, 1, height, width], 1 (white) = repaint."""
     if mask.size != image.size:
         raise InputError("mask", f"{mask.width}x{mask.height}", f"the init image's size, {image.width}x{image.height}")
-    gray = np.asarray(_resized(mask.convert("L"), height, width, "mask"), dtype=np.float32) / 255
+    gray = np.asarray(_resized(as_8bit(mask, "L", "mask"), height, width, "mask"), dtype=np.float32) / 255
     return (gray >= MASK_THRESHOLD).astype(np.float32)[None, None]
+
+
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+BACKGROUND = {"image": 255, "mask": 0}  # what transparency shows: white under an image, "keep" under a mask
+
+
+def as_8bit(image: Image.Image, mode: str, field: str) -> Image.Image:
+    """`image` in 8-bit `mode` ("RGB" or "L"), wide grayscale scaled and transparency composited."""
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and values.max() <= 255:  # an 8-bit image stored as 32-bit ints
+            scale = 255
+        else:
+            scale = WIDE_MODES[image.mode]
+        gray = Image.fromarray((np.clip(values / scale, 0, 1) * 255).round().astype(np.uint8), "L")
+        return gray.convert(mode)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            shade = BACKGROUND[field]
+            warnings.warn(
+                f"{field}: transparent pixels composited on {'white' if shade else 'black'}"
+                + (" (kept, not repainted)" if field == "mask" else ""),
+                stacklevel=4,
+            )
+            background = Image.new("RGBA", rgba.size, (shade, shade, shade, 255))
+            return Image.alpha_composite(background, rgba).convert(mode)
+        return rgba.convert(mode)
+    return image.convert(mode)
 
 
 def _resized(image: Image.Image, height: int, width: int, field: str) -> Image.Image:

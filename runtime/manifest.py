@@ -108,8 +108,22 @@ class TrainingSchedule:
             beta_schedule=str(kind),
         )
 
-    def alphas_cumprod_array(self) -> np.ndarray:
-        return np.asarray(self.alphas_cumprod, dtype=np.float64)
+
+def _recommended(raw: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """The manifest's recommended settings, each checked: positive int steps, number guidance."""
+    def check(settings: Any, path: str) -> None:
+        if not isinstance(settings, dict):
+            raise ModelError(f"{where}: {path}: got {settings!r}, expected an object")
+        steps, guidance = settings.get("steps", 1), settings.get("guidance", 1.0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ModelError(f"{where}: {path}.steps: got {steps!r}, expected a positive integer")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+            raise ModelError(f"{where}: {path}.guidance: got {guidance!r}, expected a number >= 0")
+
+    check(raw, "recommended")
+    for name, settings in raw.get("samplers", {}).items():
+        check(settings, f"recommended.samplers.{name}")
+    return raw
 
 
 def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
@@ -140,6 +154,12 @@ class Manifest:
     files: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
     quantization: Mapping[str, Any] | None = None  # `sdonnx quantize`: recipe and calibration; None for fp32 exports
+    # How the U-Net's attention was exported (`sdonnx export --attention`): fused, sliced or full; None
+    # when unknown (optimum folders, older exports), which memory estimates take as full.
+    unet_attention: str | None = None
+    # The model card's settings, used when a request names none: {"steps": int, "guidance": float,
+    # "samplers": {name: {"steps", "guidance"}}} (a sampler's own entry wins).
+    recommended: Mapping[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -209,6 +229,8 @@ class Manifest:
             files=r.get("files", dict),
             source=r.get("source", str),
             quantization=r.get("quantization", dict, optional=True),
+            unet_attention=r.get("unet_attention", str, optional=True),
+            recommended=_recommended(r.get("recommended", dict, optional=True) or {}, where),
             format_version=version,
         )
 

@@ -6,7 +6,7 @@ The text is A1111's "infotext", which other tools read too:
     Negative prompt: blurry
     Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 512x512, ...
 
-Sampler and schedule use A1111's display names where it has one (`SAMPLER_NAMES`, `SCHEDULE_NAMES`);
+Sampler and schedule use A1111's display names (`sampling.SAMPLERS`' a1111_name, `SCHEDULE_NAMES`);
 A1111 files of either era parse ("DPM++ 2M Karras", or "DPM++ 2M" plus "Schedule type: Karras").
 Optional fields at their default are left out as A1111 does; a missing field reads back as the default.
 Image k of a batch records its own seed, S + k, which regenerates it alone (see `noise`).
@@ -18,16 +18,18 @@ noise, which sdonnx cannot replay, and reads back as the torch generator (same s
 Model hash: A1111 writes the first 10 hex digits of the checkpoint's sha256. An ONNX folder has no
 checkpoint, so sdonnx hashes what identifies its weights without reading gigabytes: the sha256 of
 the U-Net's file hashes as manifest.json records them ("path sha256" lines, sorted), first 10 hex
-digits. A folder without manifest.json (an optimum export) gets no Model hash.
+digits. Those recorded hashes describe what ran because `ModelFolder.load` verified the files
+against them (`integrity.verify_folder`). With verification off (RuntimeOptions.verify_integrity
+False) the lines hold the sha256 of the U-Net files on disk instead, through the verify cache: read
+once per file version, then one stat per file per image. Unchanged files give the same Model hash
+either way. A folder without manifest.json (an optimum export) gets no Model hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,31 +37,16 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from sdonnx import __version__
 from sdonnx.errors import InputError
+from sdonnx.files import replace_file
+from sdonnx.runtime import integrity
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.pipeline import GenerationConfig
 from sdonnx.runtime.providers import PROVIDERS, resolve_provider
+from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
 
 PNG_KEY = "parameters"
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "dpm_2": "DPM2",
-    "dpm_2_ancestral": "DPM2 a",
-    "lms": "LMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE",
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "plms": "PLMS",
-    "unipc": "UniPC",
-    "lcm": "LCM",
-    "ddpm": "DDPM",
-}
 SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
-_SAMPLERS_BY_NAME = {name: sampler for sampler, name in SAMPLER_NAMES.items() if sampler != "pndm"}
 _SCHEDULES_BY_NAME = {name: schedule for schedule, name in SCHEDULE_NAMES.items()}
 _RNGS_BY_NAME = {name: rng for rng, name in RNG_NAMES.items()}
 # One "Key: value" of the settings line; a value with commas or colons is JSON-quoted (A1111's re_param).
@@ -78,10 +65,14 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
 def format_parameters(
     config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None
 ) -> str:
-    """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height)."""
+    """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
+
+    Steps and guidance left open in `config` are written as they ran: the model's recommended ones.
+    """
+    config = config.with_defaults(model.manifest.recommended if model is not None else {})
     fields: dict[str, object] = {
         "Steps": config.steps,
-        "Sampler": SAMPLER_NAMES[config.sampler],
+        "Sampler": SAMPLERS[config.sampler].a1111_name,
         "Schedule type": SCHEDULE_NAMES[config.schedule] if config.schedule != "default" else None,
         "CFG scale": _number(config.guidance),
         "Seed": seed,
@@ -90,7 +81,7 @@ def format_parameters(
     if model is not None:
         fields |= {"Model hash": model_hash(model), "Model": model.root.name}
     fields |= {
-        "Denoising strength": _number(config.strength) if config.strength != 1.0 else None,
+        "Denoising strength": _number(config.strength) if config.strength not in (None, 1.0) else None,
         "Clip skip": config.clip_skip if config.clip_skip != 1 else None,
         "RNG": RNG_NAMES[config.rng],
         "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
@@ -152,12 +143,18 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
 
 def model_hash(model: ModelFolder) -> str | None:
-    """10 hex digits naming the U-Net's weights (see the module docstring); None without a manifest."""
+    """10 hex digits naming the U-Net's weights that ran (see the module docstring); None without a manifest.
+
+    Verified at load: the manifest's recorded hashes. Verification off: the files' sha256 on disk,
+    from the verify cache (`integrity.file_digests`), so gigabytes are read once, not per image.
+    """
     unet_dir = PurePosixPath(model.manifest.graphs["unet"].path).parent
-    files = model.manifest.files.items()
-    lines = sorted(f"{path} {digest}" for path, digest in files if PurePosixPath(path).parent == unet_dir)
-    if not lines:
+    files = {path: digest for path, digest in model.manifest.files.items() if PurePosixPath(path).parent == unet_dir}
+    if not files:
         return None
+    if not model.options.verify_integrity:
+        files = integrity.file_digests(model.root, sorted(files))
+    lines = sorted(f"{path} {digest}" for path, digest in files.items())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
 
 
@@ -174,27 +171,24 @@ def read_parameters(path: Path) -> str:
 
 
 def write_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write `image` with its `parameters` text to `path` atomically: a temporary file, then a rename."""
+    """Write `image` with its `parameters` text to `path` atomically: a temporary file, then a rename.
+
+    Through `sdonnx.files.replace_file`: a new file gets mode 0666 less the umask, a replaced file keeps
+    its mode, and a symlink at `path` is written through to its target (the link stays), as PIL's save does.
+    """
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, parameters)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
+    replace_file(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
 def _sampler(name: str) -> tuple[str, str | None]:
     """"DPM++ 2M Karras" -> ("dpmpp_2m", "karras"); a name without a suffix -> (sampler, None)."""
-    if name in _SAMPLERS_BY_NAME:
-        return _SAMPLERS_BY_NAME[name], None
+    if name in BY_A1111_NAME:
+        return BY_A1111_NAME[name], None
     base, _, suffix = name.rpartition(" ")
-    if base in _SAMPLERS_BY_NAME and suffix in _SCHEDULES_BY_NAME:
-        return _SAMPLERS_BY_NAME[base], _SCHEDULES_BY_NAME[suffix]
-    return _lookup("Sampler", name, _SAMPLERS_BY_NAME), None
+    if base in BY_A1111_NAME and suffix in _SCHEDULES_BY_NAME:
+        return BY_A1111_NAME[base], _SCHEDULES_BY_NAME[suffix]
+    return _lookup("Sampler", name, BY_A1111_NAME), None
 
 
 def _lookup(key: str, value: str, names: dict[str, str]) -> str:

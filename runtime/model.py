@@ -8,20 +8,24 @@ IO from the loaded sessions themselves; what differs between exporters (the time
 rank, int32 or int64 input_ids, fp16 inputs) is then read from those sessions, never guessed.
 Either way, the graphs must agree with the facts (channels, embedding width, sequence length).
 
-In low-memory mode (`RuntimeOptions.low_memory`) the sessions open on first use and the pipeline
-releases each when its step is done (`Sessions.release`), so only one graph is in memory at a time.
+The pipeline takes each graph for one step with `Sessions.use(component)`; the memory policy
+(`memory.MemoryPolicy.release_sessions`, set by low-memory mode) says whether the graph then stays
+open for the next call or is opened on first use and closed when its step ends.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sdonnx.errors import InputError, ModelError
-from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
 from sdonnx.runtime import graph_cache
+from sdonnx.runtime.integrity import verify_folder
+from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
+from sdonnx.runtime.memory import MemoryPolicy, return_freed_memory
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.session import Session
 
@@ -44,13 +48,15 @@ _DEFAULT_MAX_LENGTH = 77
 class Sessions(Mapping[str, Session]):
     """The folder's sessions by component, each opened (and checked) by `opener` on first use.
 
-    `release` drops one, so its memory goes back; the next use opens it again.
+    `use(component)` lends one for a step of the pipeline; with `policy.release_sessions` it is
+    closed when the step ends, so its memory goes back, and the next use opens it again.
     """
 
-    def __init__(self, components: Sequence[str], opener: Callable[[str], Session]):
+    def __init__(self, components: Sequence[str], opener: Callable[[str], Session], policy: MemoryPolicy):
         self._components = tuple(components)
         self._open = opener
         self._opened: dict[str, Session] = {}
+        self.policy = policy
 
     def __getitem__(self, component: str) -> Session:
         if component not in self._components:
@@ -70,11 +76,30 @@ class Sessions(Mapping[str, Session]):
         """The components whose session is in memory now."""
         return tuple(self._opened)
 
-    def open(self, component: str) -> Session:
-        return self[component]
+    @contextmanager
+    def use(self, component: str) -> Iterator[Session]:
+        """The session of `component` for one step; closed afterwards if the policy says so."""
+        try:
+            yield self[component]
+        finally:
+            if self.policy.release_sessions:
+                self.release(component)
+
+    def preload(self) -> None:
+        """Open (and so check) every graph now unless the policy opens them on use: errors surface
+        at load, not mid-run."""
+        for component in self._components:
+            if self.policy.release_sessions:
+                self.release(component)
+            else:
+                self[component]
 
     def release(self, component: str) -> None:
-        self._opened.pop(component, None)
+        """Close `component`'s session, if open, and return its memory to the OS."""
+        session = self._opened.pop(component, None)
+        if session is not None:
+            session.close()
+            return_freed_memory()
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,7 @@ class ModelFolder:
 
     root: Path
     manifest: Manifest
-    sessions: Mapping[str, Session]  # a Sessions, or a plain dict of sessions
+    sessions: Sessions
     derived: bool  # True when the facts come from optimum-style configs, not manifest.json
     options: RuntimeOptions = RuntimeOptions()
 
@@ -107,8 +132,9 @@ class ModelFolder:
     ) -> ModelFolder:
         """Load `components` (each must exist) and the `optional` ones whose graph exists.
 
-        With options.low_memory the graphs of a manifest folder open on first use; those of a
-        folder without one open once here, as their IO is part of the facts, and are released.
+        Graphs open now, unless the memory policy opens them on use: then those of a manifest
+        folder are not opened here, and those of a folder without one open once, as their IO is
+        part of the facts, and are closed again.
         """
         root = _model_root(path)
         providers = session_providers(options)
@@ -127,6 +153,7 @@ class ModelFolder:
             _require_graphs(root, paths, components)
         wanted = list(components) + [c for c in optional if c in paths and (root / paths[c]).is_file()]
         manifest = None if derived else declared
+        verify_folder(root, manifest, verify=options.verify_integrity, components=wanted)
 
         def open_session(component: str) -> Session:
             """Open and check one graph. A derived folder's first opens come before its manifest
@@ -138,7 +165,7 @@ class ModelFolder:
                 _check_io(session, manifest)
             return session
 
-        sessions = Sessions(wanted, open_session)
+        sessions = Sessions(wanted, open_session, options.memory)
         if derived:
             graphs = {}
             for c in wanted:
@@ -147,12 +174,21 @@ class ModelFolder:
             manifest = Manifest(**facts, graphs=graphs)
             for c in wanted:
                 _check_io(sessions[c], manifest)
-        for c in wanted:
-            if options.low_memory:
-                sessions.release(c)
-            else:
-                sessions.open(c)  # every graph opened and checked now: errors surface at load, not mid-run
+        sessions.preload()
         return cls(root=root, manifest=manifest, sessions=sessions, derived=derived, options=options)
+
+
+def read_facts(path: Path | str) -> tuple[Path, Manifest]:
+    """The folder and its facts without opening a graph (seconds faster than load for SD 1.5), for
+    checks before loading. A folder without manifest.json gets derived facts whose graphs list
+    their paths but not their IO, which only the loaded sessions tell."""
+    root = _model_root(path)
+    if (root / MANIFEST_NAME).is_file():
+        return root, Manifest.read(root)
+    paths = {c: f"{c}/{GRAPH_FILE}" for c in GRAPH_IO}
+    _require_graphs(root, paths, REQUIRED)
+    graphs = {c: GraphSpec(p, (), ()) for c, p in paths.items() if (root / p).is_file()}
+    return root, Manifest(**_derive_facts(root), graphs=graphs)
 
 
 def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:

@@ -165,11 +165,8 @@ def noise_source(seed: int | None = None, kind: str = "torch", batch: int = 1) -
     """A source for `batch` images from `seed` (None: a random one); image k uses seed + k.
 
     kind "torch": torch's CPU generator, draws identical to torch.randn; "numpy": NumPy's PCG64.
+    kind and batch come checked from a GenerationConfig.
     """
-    if kind not in KINDS:
-        raise InputError("rng", kind, f"one of {list(KINDS)}")
-    if not isinstance(batch, int) or batch < 1:
-        raise InputError("batch", batch, "an integer >= 1")
     if seed is None:
         seed = secrets.randbelow(2**32)
     make = TorchCPUNoise if kind == "torch" else np.random.default_rng

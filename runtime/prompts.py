@@ -31,6 +31,7 @@ import numpy as np
 from sdonnx.errors import InputError
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
+MAX_WEIGHT = 10.0  # A1111 has no limit; 1.5 is strong and 3 already distorts the image
 ROUND_BRACKET = 1.1
 SQUARE_BRACKET = 1 / 1.1
 BREAK = ("BREAK", -1.0)  # A1111's marker for the BREAK keyword in a parsed prompt
@@ -107,9 +108,13 @@ def parse_prompt_attention(text: str, *, field: str = "prompt") -> list[tuple[st
 
 def _weight(number: str, token: str, field: str) -> float:
     try:
-        return float(number)
+        weight = float(number)
     except ValueError:
         raise InputError(field, token, "a number after ':' in (text:weight), such as (cat:1.2)") from None
+    if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+        # Far outside this the embeddings, and so the image, are noise: say so rather than draw it.
+        raise InputError(field, token, f"a weight from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g} in (text:weight)")
+    return weight
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from sdonnx.config import check_bool, check_choice, is_int
 from sdonnx.errors import InputError
+from sdonnx.runtime.memory import MemoryPolicy, memory_policy
 
 CPU = "CPUExecutionProvider"
 
@@ -59,11 +61,12 @@ class RuntimeOptions:
     graph_optimization: a key of GRAPH_OPTIMIZATION.
     memory_arena: keep onnxruntime's CPU memory arena (faster; off returns memory between runs).
     device_id: which GPU, for the CUDA, DirectML and TensorRT providers.
-    low_memory: trade speed for peak memory: each graph is open only while its step of the pipeline
-    runs, the classifier-free-guidance halves run one after the other, the VAE decodes in tiles,
-    and the memory arena is off whatever `memory_arena` says.
+    low_memory: trade speed for peak memory (`memory.memory_policy` says what changes; the memory
+    arena is then off whatever `memory_arena` says).
     graph_cache: a folder where the CPU provider keeps each graph as ONNX Runtime optimized it, so
     later loads skip the optimization (`graph_cache`); None optimizes at every load.
+    verify_integrity: check the files against the sha256 that manifest.json records (`integrity`);
+    each file is hashed once per version, later loads only stat it. False loads changed files as they are.
     """
 
     provider: str = "auto"
@@ -73,30 +76,36 @@ class RuntimeOptions:
     device_id: int = 0
     low_memory: bool = False
     graph_cache: Path | None = None
+    verify_integrity: bool = True
 
     def __post_init__(self):
         if not isinstance(self.provider, str):
             raise InputError("provider", self.provider, f"'auto', one of {sorted(PROVIDERS)} or an ORT provider name")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
             raise InputError("threads", self.threads, "a positive integer or None (onnxruntime's default)")
-        if self.graph_optimization not in GRAPH_OPTIMIZATION:
-            raise InputError("graph_optimization", self.graph_optimization, f"one of {list(GRAPH_OPTIMIZATION)}")
-        for name in ("memory_arena", "low_memory"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(name, getattr(self, name), "True or False")
+        check_choice("graph_optimization", self.graph_optimization, GRAPH_OPTIMIZATION)
+        for name in ("memory_arena", "low_memory", "verify_integrity"):
+            check_bool(name, getattr(self, name))
         if self.graph_cache is not None:
             if not isinstance(self.graph_cache, (str, Path)):
                 raise InputError("graph_cache", self.graph_cache, "a folder path or None")
             object.__setattr__(self, "graph_cache", Path(self.graph_cache))
             if self.graph_cache.exists() and not self.graph_cache.is_dir():
                 raise InputError("graph_cache", str(self.graph_cache), "a folder (this is a file)")
-        if not _is_int(self.device_id) or self.device_id < 0:
+        if not is_int(self.device_id) or self.device_id < 0:
             raise InputError("device_id", self.device_id, "a non-negative integer")
+
+    @property
+    def memory(self) -> MemoryPolicy:
+        """What low_memory and memory_arena mean for sessions, the U-Net batch and the VAE decode."""
+        return memory_policy(self.low_memory, self.memory_arena)
 
 
 def available_providers() -> list[str]:
-    """The ORT provider names this onnxruntime build can use on this machine."""
-    return list(ort.get_available_providers())
+    """The ORT provider names this onnxruntime build offers and sdonnx can run on (AzureExecutionProvider,
+    which ORT lists on every build, calls a remote endpoint and is left out)."""
+    known = set(PROVIDERS.values())
+    return [name for name in ort.get_available_providers() if name in known]
 
 
 def resolve_provider(name: str) -> str:
@@ -134,7 +143,7 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     """The ort.SessionOptions for `options`."""
     so = ort.SessionOptions()
     so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
-    so.enable_cpu_mem_arena = options.memory_arena and not options.low_memory
+    so.enable_cpu_mem_arena = options.memory.arena
     if options.threads is not None:
         so.intra_op_num_threads = options.threads
     if resolve_provider(options.provider) == "dml":
@@ -149,7 +158,3 @@ def _short_name(name: str) -> str | None:
     if lowered in PROVIDERS:
         return lowered
     return next((short for short, full in PROVIDERS.items() if full.lower() == lowered), None)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

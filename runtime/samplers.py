@@ -3,10 +3,11 @@
 Contract. Every sampler is `sample_x(denoise, x, sigmas, *, rng=None, callback=None) -> x`:
 - x [B, C, h, w] float32 lives in k-diffusion space, x = latent_vp / alpha = x0 + sigma * eps. The
   pipeline starts from `noise * plan.noise_scale` and decodes `x * plan.latent_scale`
-  (`schedules.Sigmas`); `sample()` below does both.
-- sigmas [N+1] descending come from `schedules.make_sigmas` for *this* sampler: each diffusers
-  scheduler picks its own timesteps. The last sigma is 0, or sigma(t=0) for DDIM/PNDM.
-- denoise(x, sigma) -> x0 is the only access to the model (a `Denoiser`); samplers never see timesteps.
+  (`schedules.Plan`; `sampling.run_plan` runs a plan).
+- sigmas [N+1] descending come from the plan `sampling.make_plan` makes for *this* sampler: each
+  diffusers scheduler picks its own timesteps. The last sigma is 0, or sigma(t=0) for DDIM/PNDM.
+- denoise(x, sigma) -> x0 is the only access to the model (`denoiser.GuidedDenoiser`); samplers never
+  see timesteps.
 - rng: stochastic samplers draw only through it (`noise.NoiseSource`), one array of x's shape per
   noise injection, in the order diffusers draws; draws multiplied by zero are skipped.
 - callback(info) runs once per step with i, sigma, sigma_next, x (before the step) and denoised;
@@ -24,9 +25,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from sdonnx.errors import InputError
-
-from .noise import NoiseSource, gaussian_like, require_noise
-from .schedules import Sigmas
+from sdonnx.runtime.noise import NoiseSource, gaussian_like, require_noise
 
 Denoise = Callable[[np.ndarray, float], np.ndarray]
 Callback = Callable[[dict[str, Any]], None]
@@ -333,61 +332,3 @@ def sample_lcm(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, rng=None,
         _report(callback, i, sigma, sigma_next, x, denoised)
         x = denoised + gaussian_like(rng, denoised) * sigma_next if sigma_next > 0 else denoised
     return x
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_sde": sample_dpmpp_sde,
-    # DDIM (eta 0) and DDPM are the Euler and ancestral Euler steps in k-space (see their docstrings);
-    # what differs is their plan: integer timesteps, VP initial noise, DDIM's final alpha.
-    "ddim": sample_euler,
-    "ddpm": sample_euler_ancestral,
-    "pndm": sample_pndm,
-    "plms": sample_pndm,
-    "unipc": sample_unipc,
-    "lcm": sample_lcm,
-}
-
-
-def get_sampler(name: str) -> Sampler:
-    if name not in SAMPLERS:
-        raise InputError("sampler", name, f"one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]
-
-
-def sample(
-    plan: Sigmas,
-    denoise: Denoise,
-    noise: np.ndarray,
-    *,
-    rng: NoiseSource | None = None,
-    callback: Callback | None = None,
-) -> np.ndarray:
-    """Unit-variance noise [B, C, h, w] -> the latent the VAE decodes (before 1/scaling_factor).
-
-    Runs the plan's sampler from x = noise * plan.noise_scale and returns x * plan.latent_scale,
-    which is diffusers' final `latents` for the matching scheduler given `latents=noise`.
-    """
-    x = np.asarray(noise, dtype=np.float32) * plan.noise_scale
-    return run_plan(plan, denoise, x, rng=rng, callback=callback)
-
-
-def run_plan(
-    plan: Sigmas,
-    denoise: Denoise,
-    x: np.ndarray,
-    *,
-    rng: NoiseSource | None = None,
-    callback: Callback | None = None,
-) -> np.ndarray:
-    """Starting x [B, C, h, w] in k-space (noise, or an image noised to plan.sigmas[0]) -> the latent
-    the VAE decodes: the plan's sampler over its sigmas, then x * plan.latent_scale."""
-    sampler = get_sampler(plan.sampler)
-    return sampler(denoise, x, plan.sigmas, rng=rng, callback=callback) * plan.latent_scale

@@ -1,15 +1,15 @@
 """Sampling plans: the noise levels a sampler visits, chosen exactly as diffusers' schedulers choose them.
 
 Everything runs in k-diffusion space: sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod) and
-x = latent_vp / alpha = x0 + sigma * eps. A plan (`Sigmas`) carries what the pipeline needs:
+x = latent_vp / alpha = x0 + sigma * eps. A `Plan` carries what the pipeline needs:
 
-    plan = make_sigmas(manifest.schedule, steps, sampler="dpmpp_2m", kind="karras")
-    denoise = Denoiser(..., plan=plan)          # the U-Net sees diffusers' exact timesteps
+    plan = make_plan(manifest.schedule, steps, sampler="dpmpp_2m", kind="karras")   # sampling.py
     x = noise * plan.noise_scale                # noise [B, C, h, w] unit variance, as diffusers' `latents=`
-    x = SAMPLERS[plan.sampler](denoise, x, plan.sigmas, rng=rng, callback=callback)
-    latent = x * plan.latent_scale              # the latent the VAE decodes (before 1/scaling_factor)
+    latent = run_plan(plan, denoise, x, rng=rng, callback=callback)   # x0 * plan.latent_scale
 
-(`samplers.sample(plan, denoise, noise, ...)` does the last three lines.)
+and the U-Net adapter (`denoiser.UNetModel`) reads the plan's exact timesteps. The plan rules below
+(`discrete_plan`, `multistep_plan`, `alpha_plan`, `lcm_plan`) are what the sampler registry
+(`sampling.SAMPLERS`) names for each sampler.
 
 img2img and inpainting run the tail of the plan that `strength` selects (`strength_tail`), starting
 from x = init_latent + sigmas[0] * noise, diffusers' add_noise in k-space for every scheduler.
@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
 
-from sdonnx.errors import InputError
-
-from .manifest import TrainingSchedule
+from sdonnx.runtime.manifest import TrainingSchedule
 
 LCM_ORIGINAL_STEPS = 50
 LCM_TIMESTEP_SCALING = 10.0
@@ -48,7 +46,7 @@ PLAN_MATCH_RTOL = 1e-6
 
 
 @dataclass(frozen=True, eq=False)
-class Sigmas:
+class Plan:
     """One sampling plan: `sigmas` [N+1] (float32, descending) and what goes with them.
 
     timesteps [N]: the U-Net timestep diffusers feeds at sigmas[:N] (may be fractional or rounded;
@@ -162,7 +160,9 @@ def _vp_unit_noise(sigmas: np.ndarray) -> float:
     return math.sqrt(float(sigmas[0]) ** 2 + 1)
 
 
-def _discrete_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, round_karras: bool) -> Sigmas:
+def discrete_plan(
+    schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, round_karras: bool = False
+) -> Plan:
     """Euler, Euler ancestral, Heun, LMS, DPM2 (ancestral), DPM++ SDE: *DiscreteScheduler conventions."""
     timesteps = _spaced_timesteps(schedule, steps, skip_last=False, integer=False)
     sigmas = SCHEDULES[kind](_at(schedule, timesteps), steps)
@@ -173,10 +173,10 @@ def _discrete_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: s
     sigmas = np.append(sigmas, 0.0).astype(np.float32)
     sigma_max = float(sigmas.max())
     noise_scale = _vp_unit_noise(sigmas) if schedule.timestep_spacing == "leading" else sigma_max
-    return Sigmas(sampler, sigmas, timesteps.astype(np.float32).astype(np.float64), noise_scale)
+    return Plan(sampler, sigmas, timesteps.astype(np.float32).astype(np.float64), noise_scale)
 
 
-def _multistep_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str) -> Sigmas:
+def multistep_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str) -> Plan:
     """DPM-Solver++ (2M, 2M SDE) and UniPC: steps + 1 grid, int64 timesteps, VP unit noise, final sigma 0."""
     if kind == "default":
         timesteps = _spaced_timesteps(schedule, steps, skip_last=True, integer=True)
@@ -186,84 +186,37 @@ def _multistep_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: 
         timesteps = sigma_to_timestep(schedule, sigmas)
         timesteps = timesteps.round() if kind == "karras" else np.trunc(timesteps)
     sigmas = np.append(sigmas, 0.0).astype(np.float32)
-    return Sigmas(sampler, sigmas, timesteps, _vp_unit_noise(sigmas))
+    return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas))
 
 
-def _alpha_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, final_alpha_one: bool) -> Sigmas:
+def alpha_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, final_alpha_one: bool) -> Plan:
     """DDIM, PNDM (final alpha = alphas_cumprod[0]) and DDPM (final alpha = 1), all VP-native."""
-    _only_default(kind, sampler)
     timesteps = _spaced_timesteps(schedule, steps, skip_last=False, integer=True)
     final = 0.0 if final_alpha_one else training_sigmas(schedule)[0]
     sigmas = np.append(_at(schedule, timesteps), final).astype(np.float32)
     alpha_final = 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
-    return Sigmas(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), latent_scale=alpha_final)
+    return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), latent_scale=alpha_final)
 
 
-def _lcm_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str) -> Sigmas:
+def lcm_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str) -> Plan:
     """LCMScheduler: `steps` of the 50 original LCM timesteps, evenly by index; ignores timestep_spacing."""
-    _only_default(kind, sampler)
-    if steps > LCM_ORIGINAL_STEPS:
-        raise InputError("steps", steps, f"at most {LCM_ORIGINAL_STEPS} for sampler 'lcm'")
     stride = schedule.num_train_timesteps // LCM_ORIGINAL_STEPS
     origin = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * stride - 1)[::-1]
     picks = np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, num=steps, endpoint=False)).astype(np.int64)
     timesteps = origin[picks].astype(np.float64)
     sigmas = np.append(_at(schedule, timesteps), 0.0).astype(np.float32)
-    return Sigmas(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), timestep_scaling=LCM_TIMESTEP_SCALING)
+    return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), timestep_scaling=LCM_TIMESTEP_SCALING)
 
 
-def _only_default(kind: str, sampler: str) -> None:
-    if kind != "default":
-        raise InputError(
-            "schedule", kind, f"'default' for sampler {sampler!r} (its diffusers scheduler has no {kind} sigmas)"
-        )
-
-
-_discrete = partial(_discrete_plan, round_karras=False)
-_discrete_rounded = partial(_discrete_plan, round_karras=True)
-_alpha_zero = partial(_alpha_plan, final_alpha_one=False)
-
-PLANS: dict[str, Callable[[TrainingSchedule, int, str, str], Sigmas]] = {
-    "euler": _discrete,
-    "euler_ancestral": _discrete,
-    "heun": _discrete,
-    "lms": _discrete,
-    "dpmpp_sde": _discrete,
-    "dpm_2": _discrete_rounded,
-    "dpm_2_ancestral": _discrete_rounded,
-    "dpmpp_2m": _multistep_plan,
-    "dpmpp_2m_sde": _multistep_plan,
-    "unipc": _multistep_plan,
-    "ddim": _alpha_zero,
-    "pndm": _alpha_zero,
-    "plms": _alpha_zero,
-    "ddpm": partial(_alpha_plan, final_alpha_one=True),
-    "lcm": _lcm_plan,
-}
-
-
-def make_sigmas(schedule: TrainingSchedule, steps: int, *, sampler: str, kind: str = "default") -> Sigmas:
-    """The plan diffusers' scheduler for `sampler` would follow with `steps` and the `kind` of sigmas."""
-    if sampler not in PLANS:
-        raise InputError("sampler", sampler, f"one of {sorted(PLANS)}")
-    if kind not in SCHEDULES:
-        raise InputError("schedule", kind, f"one of {sorted(SCHEDULES)}")
-    integer = isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)
-    if not integer or not 1 <= steps <= schedule.num_train_timesteps:
-        raise InputError("steps", steps, f"an integer from 1 to {schedule.num_train_timesteps}")
-    return PLANS[sampler](schedule, int(steps), kind, sampler)
-
-
-def strength_tail(plan: Sigmas, strength: float) -> Sigmas:
+def strength_tail(plan: Plan, strength: float) -> Plan:
     """The last int(steps * strength) steps of `plan`, cut where diffusers' img2img and inpainting
     pipelines cut their scheduler's timesteps (get_timesteps, then set_begin_index).
 
     The tail starts at sigmas[0] = the noise level the init image is noised to; noise_scale and
     latent_scale carry over unchanged. The sampler runs it as a fresh plan: diffusers' LMS and PNDM
     instead carry state over the cut (LMS's order, PNDM's repeated timestep), which is not reproduced.
+    GenerationConfig makes sure at least one step is left.
     """
     steps = min(int(plan.steps * strength), plan.steps)
-    if steps < 1:
-        raise InputError("strength", strength, f"at least 1/{plan.steps}, so that steps * strength makes one step")
     start = plan.steps - steps
     return replace(plan, sigmas=plan.sigmas[start:], timesteps=plan.timesteps[start:])

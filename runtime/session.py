@@ -86,11 +86,17 @@ class Session:
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run the graph on `inputs` (one array per declared input); return every output by name."""
         self.check_inputs(inputs)
+        if self._session is None:
+            raise ModelError(f"{self.path}: the {self.name!r} session was closed (its step of the pipeline is over)")
         if self._binding is not None:
             values = self._binding.run(inputs, self.output_names)
         else:
             values = self._session.run(self.output_names, inputs)
         return dict(zip(self.output_names, values))
+
+    def close(self) -> None:
+        """Free the onnxruntime session now, whoever still holds this wrapper; `run` then raises."""
+        self._session = self._binding = None
 
     def check_inputs(self, inputs: dict[str, object]) -> None:
         """Raise InputError unless `inputs` match the declared inputs in name, dtype, rank and dims."""

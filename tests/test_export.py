@@ -156,7 +156,8 @@ def test_dynamic_axes_match_diffusers_at_other_shapes(tiny_exports, tiny_sources
 
 def test_static_shape_pins_dims_and_overwrite_replaces_out(tiny_sources, tmp_path):
     out = tmp_path / "static"
-    out.mkdir()
+    out.mkdir()  # an earlier export: --overwrite replaces only a folder with a manifest (or optimum's layout)
+    (out / "manifest.json").write_text("{}")
     (out / "stale.txt").write_text("from an earlier export")
     manifest = export_model(
         ExportConfig(str(tiny_sources["sd1"]), out, static_shape=(1, 32, 48), overwrite=True, quiet=True)
@@ -210,12 +211,13 @@ def test_failure_mid_export_leaves_out_as_it_was(tiny_sources, tmp_path, monkeyp
     out = tmp_path / "out"
     if existing:
         out.mkdir()
+        (out / "manifest.json").write_text("{}")
         (out / "keep.txt").write_text("previous export")
     with pytest.raises(failure, match="injected"):
         export_model(ExportConfig(str(tiny_sources["sd1"]), out, overwrite=existing, quiet=True))
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"]
 
 
 def test_parity_below_the_floor_fails_and_writes_nothing(tiny_sources, tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ from PIL import Image
 
 from sdonnx.errors import InputError
 from sdonnx.runtime.noise import noise_source
-from sdonnx.runtime.schedules import make_sigmas, strength_tail
+from sdonnx.runtime.pipeline import GenerationConfig
+from sdonnx.runtime.sampling import make_plan
+from sdonnx.runtime.schedules import strength_tail
 from tiny_models import KINDS
 
 torch = pytest.importorskip("torch")
@@ -112,17 +114,17 @@ def test_other_noise_fails_the_tolerance(references, pipelines, monkeypatch):
 @pytest.mark.parametrize(("steps", "strength", "kept"), [(10, 0.8, 8), (10, 0.55, 5), (10, 1.0, 10), (3, 0.5, 1)])
 def test_strength_tail_cuts_like_diffusers(pipelines, steps, strength, kept):
     schedule = pipelines["sd1"].manifest.schedule
-    plan = make_sigmas(schedule, steps, sampler="euler")
+    plan = make_plan(schedule, steps, sampler="euler")
     tail = strength_tail(plan, strength)
     assert tail.steps == kept
     np.testing.assert_array_equal(tail.sigmas, plan.sigmas[steps - kept :])
     np.testing.assert_array_equal(tail.timesteps, plan.timesteps[steps - kept :])
 
 
-def test_strength_below_one_step_is_refused(pipelines):
-    plan = make_sigmas(pipelines["sd1"].manifest.schedule, 4, sampler="euler")
-    with pytest.raises(InputError, match="strength"):
-        strength_tail(plan, 0.2)
+def test_strength_below_one_step_is_refused_before_any_work():
+    with pytest.raises(InputError, match="strength") as error:
+        GenerationConfig(PROMPT, steps=4, strength=0.2)
+    assert error.value.field == "strength"
 
 
 def test_strength_zero_runs_no_step_and_is_refused(pipelines):

@@ -19,10 +19,9 @@ from PIL import Image
 from sdonnx.cli import main
 from sdonnx.errors import InputError
 from sdonnx.runtime import GenerationConfig
-from sdonnx.runtime.metadata import SAMPLER_NAMES, format_parameters, model_hash, parse_parameters
+from sdonnx.runtime.metadata import format_parameters, model_hash, parse_parameters
 from sdonnx.runtime.model import ModelFolder
-from sdonnx.runtime.samplers import SAMPLERS
-from sdonnx.runtime.schedules import SCHEDULES
+from sdonnx.runtime.sampling import SAMPLERS
 
 CARRIED = ("prompt", "negative_prompt", "steps", "guidance", "sampler", "schedule", "seed", "height", "width",
            "guidance_rescale", "guidance_interval", "strength", "clip_skip", "rng")
@@ -56,15 +55,16 @@ def test_round_trip_keeps_every_carried_field():
     }
 
 
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize(
+    ("sampler", "schedule"), [(name, kind) for name in sorted(SAMPLERS) for kind in SAMPLERS[name].schedules]
+)
 def test_every_sampler_and_schedule_has_a_display_name(sampler, schedule):
     text = format_parameters(GenerationConfig("x", sampler=sampler, schedule=schedule), seed=1, size=(8, 8))
-    assert f"Sampler: {SAMPLER_NAMES[sampler]}," in text
+    name = SAMPLERS[sampler].a1111_name
+    assert f"Sampler: {name}," in text
     fields = parse_parameters(text)
-    assert SAMPLERS[fields["sampler"]] is SAMPLERS[sampler]  # "PLMS" reads back as plms, the same as pndm
+    assert SAMPLERS[fields["sampler"]].function is SAMPLERS[sampler].function  # "PLMS" reads back as plms
     assert fields.get("schedule", "default") == schedule
-    name = SAMPLER_NAMES[sampler]
     legacy = text.replace(f"Sampler: {name}, Schedule type: Karras", f"Sampler: {name} Karras")  # A1111 before 1.9
     assert parse_parameters(legacy).get("schedule", "default") == schedule
 
@@ -150,7 +150,7 @@ def test_from_png_needs_parameters(tmp_path, capsys):
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     assert generate("--from-png", bare, "-m", tmp_path, "-o", tmp_path / "out.png") == 2
-    assert f"from_png: got '{bare}'" in capsys.readouterr().err
+    assert f"--from-png: got '{bare}'" in capsys.readouterr().err
     assert generate("-m", tmp_path, "-o", tmp_path / "out.png") == 2
     assert "prompt" in capsys.readouterr().err
 
@@ -197,7 +197,7 @@ def test_init_image_runs_img2img_and_mask_inpainting(tiny_exports, tmp_path):
 
 def test_init_image_without_strength_uses_img2img_default(tiny_exports, tmp_path):
     """Strength 1 would ignore the init image; the CLI uses Pipeline.img2img's default instead."""
-    from sdonnx.runtime.pipeline import IMG2IMG_STRENGTH
+    from sdonnx.runtime.starts import IMG2IMG_STRENGTH
 
     model = tiny_exports["sd1"]
     init, out = tmp_path / "init.png", tmp_path / "out.png"

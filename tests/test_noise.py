@@ -19,6 +19,7 @@ import pytest
 
 from sdonnx.errors import InputError
 from sdonnx.runtime.noise import noise_source
+from sdonnx.runtime.pipeline import GenerationConfig
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -86,7 +87,7 @@ def test_numpy_kind_is_numpys_generator():
     rows = noise_source(3, kind="numpy", batch=2).standard_normal((2, 5))
     np.testing.assert_array_equal(rows[1], np.random.default_rng(4).standard_normal((1, 5))[0].astype(np.float32))
     with pytest.raises(InputError, match="rng"):
-        noise_source(3, kind="cuda")
+        GenerationConfig("x", rng="cuda")  # kinds are checked where the user names one
 
 
 # --- end to end: seed=S in sdonnx is manual_seed(S) in diffusers ---------------------------------

@@ -24,7 +24,7 @@ import pytest
 
 from sdonnx.runtime import Pipeline
 from sdonnx.runtime.noise import noise_source
-from sdonnx.runtime.samplers import SAMPLERS
+from sdonnx.runtime.sampling import SAMPLERS
 from tiny_models import KINDS
 
 torch = pytest.importorskip("torch")

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from sdonnx.errors import InputError, ModelError
+from sdonnx.errors import InputError
 from sdonnx.runtime import Pipeline
 from sdonnx.runtime.manifest import Manifest, TensorSpec
 from sdonnx.runtime.pipeline import encode_prompt
@@ -190,10 +190,10 @@ class FixedBatchEncoder:
 def test_fixed_batch_graph_runs_chunks_in_its_batch(tokenizer):
     encoder = FixedBatchEncoder()
     prompt = "cat BREAK dog BREAK bird"
-    out = encode_prompt(encoder, tokenizer, prompt, 3, "float16")
+    out = encode_prompt(encoder, tokenizer, prompt, 3)
     ids = tokenize_prompt(tokenizer, prompt).ids
-    assert len(encoder.batches) == 2 and out.shape == (3, 3 * 77, 4) and out.dtype == np.float16
-    np.testing.assert_array_equal(out[2, :, 0], ids.reshape(-1).astype(np.float16))
+    assert len(encoder.batches) == 2 and out.shape == (3, 3 * 77, 4) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[2, :, 0], ids.reshape(-1).astype(np.float32))
     assert not out.flags.writeable
 
 
@@ -268,7 +268,7 @@ def ours(pipeline: Pipeline, prompt: str, latents: np.ndarray, **settings) -> np
 @pytest.mark.parametrize("kind", KINDS)
 def test_long_prompt_matches_a1111_conditioning(kind, references, pipelines, monkeypatch, record_property):
     reference, pipeline = references[kind], pipelines[kind]
-    cond = encode_prompt(pipeline.model.sessions["text_encoder"], pipeline.tokenizer, LONG_PROMPT, 1, "float32")
+    cond = encode_prompt(pipeline.model.sessions["text_encoder"], pipeline.tokenizer, LONG_PROMPT, 1)
     assert cond.shape[1] == 154  # two chunks: the U-Net runs a 154-token context
     latents, expected = diffusers_image(
         reference, monkeypatch, pipeline.manifest,
@@ -304,7 +304,7 @@ def normed(tiny_sources, tmp_path_factory) -> tuple[object, Pipeline]:
 def test_weighted_prompt_matches_a1111_conditioning(normed, monkeypatch, record_property):
     reference, pipeline = normed
     encoder = pipeline.model.sessions["text_encoder"]
-    cond = encode_prompt(encoder, pipeline.tokenizer, WEIGHTED_PROMPT, 1, "float32")
+    cond = encode_prompt(encoder, pipeline.tokenizer, WEIGHTED_PROMPT, 1)
     expected_cond = a1111_embeddings(reference, WEIGHTED_PIECES, chunks=2)
     np.testing.assert_allclose(cond[0], expected_cond[0].numpy(), atol=1e-4, rtol=0)
     unweighted = a1111_embeddings(reference, [(t, 1.0) for t, _ in WEIGHTED_PIECES], chunks=2)
@@ -349,9 +349,9 @@ def test_clip_skip_matches_diffusers(kind, clip_skip, references, pipelines, mon
 def test_weights_of_one_change_nothing(pipelines):
     pipeline = pipelines["sd1"]
     encoder = pipeline.model.sessions["text_encoder"]
-    plain = encode_prompt(encoder, pipeline.tokenizer, "a red cube", 1, "float32")
+    plain = encode_prompt(encoder, pipeline.tokenizer, "a red cube", 1)
     np.testing.assert_array_equal(plain, encoder.run(input_ids=pipeline.tokenizer(["a red cube"]))["last_hidden_state"])
-    np.testing.assert_array_equal(encode_prompt(encoder, pipeline.tokenizer, "a (red:1.0) cube", 1, "float32"), plain)
+    np.testing.assert_array_equal(encode_prompt(encoder, pipeline.tokenizer, "a (red:1.0) cube", 1), plain)
     images = [pipeline(p, steps=2, seed=1)[0] for p in ("a red cube", "a (red:1.0) cube", "(a (red) cube:0.90909)")]
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
     assert not np.array_equal(np.asarray(images[0]), np.asarray(images[2]))
@@ -360,10 +360,10 @@ def test_weights_of_one_change_nothing(pipelines):
 def test_negative_prompt_is_padded_to_the_prompts_chunks(pipelines):
     pipeline = pipelines["sd1"]
     encoder = pipeline.model.sessions["text_encoder"]
-    short = encode_prompt(encoder, pipeline.tokenizer, NEGATIVE, 2, "float32", pad_to=WEIGHTED_PROMPT)
-    empty = encode_prompt(encoder, pipeline.tokenizer, "", 1, "float32")
+    short = encode_prompt(encoder, pipeline.tokenizer, NEGATIVE, 2, pad_to=WEIGHTED_PROMPT)
+    empty = encode_prompt(encoder, pipeline.tokenizer, "", 1)
     assert short.shape == (2, 154, 32)
-    alone = encode_prompt(encoder, pipeline.tokenizer, NEGATIVE, 1, "float32")
+    alone = encode_prompt(encoder, pipeline.tokenizer, NEGATIVE, 1)
     np.testing.assert_array_equal(short[:, :77], np.repeat(alone, 2, axis=0))
     np.testing.assert_array_equal(short[1, 77:], empty[0])
 
@@ -377,8 +377,8 @@ def test_thousands_of_tokens_are_refused_by_field(pipelines):
 
 
 def test_clip_skip_without_its_output_says_to_reexport(pipelines, optimum_fixture):
-    with pytest.raises(ModelError, match=r"clip_skip=5 .*'clip_skip_5'.*sdonnx export"):
+    with pytest.raises(InputError, match=r"clip_skip: got 5, expected 1 or one this text encoder .*sdonnx export"):
         pipelines["sd1"]("cat", steps=1, clip_skip=5)
     optimum = Pipeline.load(optimum_fixture, provider="cpu", progress=False)
-    with pytest.raises(ModelError, match=r"clip_skip=2 .*sdonnx export"):
+    with pytest.raises(InputError, match=r"clip_skip: got 2, .*\(none; re-export the model with `sdonnx export`"):
         optimum("cat", steps=1, clip_skip=2)

@@ -35,7 +35,7 @@ from sdonnx.runtime.providers import (
     session_options,
     session_providers,
 )
-from sdonnx.runtime.samplers import SAMPLERS
+from sdonnx.runtime.sampling import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
 from sdonnx.runtime.session import Session
 from sdonnx.runtime.tokenizer import ClipTokenizer

@@ -2,7 +2,7 @@
 
 A deterministic synthetic U-Net (`fake_unet`, NumPy) runs in diffusers' StableDiffusionPipeline loop
 (init_noise_sigma, scale_model_input, batched CFG, rescale_noise_cfg, scheduler.step) and in sdonnx's
-(make_sigmas, Denoiser, sample). Both start from the same torch.randn noise. Stochastic samplers
+(make_plan, UNetModel under GuidedDenoiser, run_plan). Both start from the same torch.randn noise. Stochastic samplers
 replay diffusers' own draws: the diffusers run records every draw (randn_tensor patched in the
 scheduler's module) and the sdonnx sampler draws from `ReplayNoise`, which checks each shape.
 
@@ -25,11 +25,12 @@ import numpy as np
 import pytest
 
 from sdonnx.errors import InputError, ModelError
-from sdonnx.runtime.denoiser import Denoiser, rescale_noise_cfg
+from sdonnx.runtime.denoiser import Guidance, GuidedDenoiser, UNetModel, rescale_noise_cfg, text_conditioning
 from sdonnx.runtime.manifest import TensorSpec, TrainingSchedule
 from sdonnx.runtime.noise import noise_source
-from sdonnx.runtime.samplers import SAMPLERS, get_sampler, sample
-from sdonnx.runtime.schedules import PLANS, SCHEDULES, make_sigmas, sigma_to_timestep, training_sigmas
+from sdonnx.runtime.pipeline import GenerationConfig
+from sdonnx.runtime.sampling import SAMPLERS, make_plan, run_plan, sampler_info
+from sdonnx.runtime.schedules import SCHEDULES, sigma_to_timestep, training_sigmas
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -114,13 +115,12 @@ def run_diffusers(monkeypatch, case: Case, inputs: Inputs, unet=fake_unet) -> tu
 
 def run_sdonnx(case: Case, inputs: Inputs, draws: list[np.ndarray], unet=fake_unet) -> np.ndarray:
     schedule = TrainingSchedule.from_scheduler_config(case.config())
-    plan = make_sigmas(schedule, case.steps, sampler=case.sampler, kind=case.kind)
-    denoise = Denoiser(
-        unet=unet, schedule=schedule, prediction_type=case.prediction, timestep_spec=TIMESTEP_SCALAR,
-        cond=inputs.cond, uncond=inputs.uncond, guidance_scale=case.guidance,
-        guidance_rescale=case.rescale, plan=plan,
+    plan = make_plan(schedule, case.steps, sampler=case.sampler, kind=case.kind)
+    denoise = make_denoiser(
+        unet, schedule=schedule, prediction_type=case.prediction, cond=inputs.cond, uncond=inputs.uncond,
+        guidance=case.guidance, guidance_rescale=case.rescale, plan=plan,
     )
-    return sample(plan, denoise, inputs.noise, rng=ReplayNoise(draws))
+    return run_plan(plan, denoise, inputs.noise * plan.noise_scale, rng=ReplayNoise(draws))
 
 
 def relative_diff(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -183,9 +183,16 @@ def test_dpm_2_ancestral_karras_within_timestep_rounding(monkeypatch):
         assert parity(monkeypatch, Case("dpm_2_ancestral", prediction, kind="karras")) <= 1e-3
 
 
-def test_every_sampler_has_a_plan_and_an_oracle():
-    assert set(SAMPLERS) == set(PLANS) == set(ORACLES)
+def test_every_sampler_has_an_oracle():
+    assert set(SAMPLERS) == set(ORACLES)
     assert set(SCHEDULES) == {"default", "karras", "exponential"}
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a1111_names_resolve_to_the_same_sampler(name):
+    info = SAMPLERS[name]
+    assert sampler_info(info.a1111_name).function is info.function
+    assert GenerationConfig("x", sampler=info.a1111_name).sampler in (name, "plms")
 
 
 def tiny_schedule(**overrides) -> TrainingSchedule:
@@ -196,30 +203,36 @@ def tiny_schedule(**overrides) -> TrainingSchedule:
     ("kwargs", "field"),
     [
         (dict(sampler="dpmpp_3m"), "sampler"),
-        (dict(sampler="euler", kind="beta"), "schedule"),
-        (dict(sampler="euler", steps=0), "steps"),
-        (dict(sampler="euler", steps=-3), "steps"),
-        (dict(sampler="euler", steps=2.5), "steps"),
-        (dict(sampler="euler", steps=True), "steps"),
-        (dict(sampler="euler", steps=1001), "steps"),
-        (dict(sampler="ddim", kind="karras"), "schedule"),
+        (dict(schedule="beta"), "schedule"),
+        (dict(steps=0), "steps"),
+        (dict(steps=-3), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(steps=True), "steps"),
+        (dict(steps=1001), "steps"),
+        (dict(sampler="ddim", schedule="karras"), "schedule"),
+        (dict(sampler="pndm", schedule="exponential"), "schedule"),
         (dict(sampler="lcm", steps=51), "steps"),
     ],
 )
-def test_make_sigmas_rejects_bad_input(kwargs, field):
-    steps = kwargs.pop("steps", 10)
+def test_config_rejects_bad_plans_before_any_work(kwargs, field):
     with pytest.raises(InputError) as error:
-        make_sigmas(tiny_schedule(), steps, **kwargs)
+        GenerationConfig("x", **kwargs)
     assert error.value.field == field
+
+
+def test_plan_refuses_more_steps_than_the_model_was_trained_with():
+    with pytest.raises(InputError, match="training steps") as error:
+        make_plan(tiny_schedule(num_train_timesteps=500), 600, sampler="euler")
+    assert error.value.field == "steps"
 
 
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(InputError, match="dpmpp_2m_sde"):
-        make_sigmas(tiny_schedule(), 10, sampler="nope")
+        GenerationConfig("x", sampler="nope")
     with pytest.raises(InputError, match="exponential"):
-        make_sigmas(tiny_schedule(), 10, sampler="euler", kind="nope")
-    with pytest.raises(InputError, match="unipc"):
-        get_sampler("nope")
+        GenerationConfig("x", schedule="nope")
+    with pytest.raises(InputError, match="Euler a"):
+        sampler_info("nope")
 
 
 def test_sigma_to_timestep_inverts_the_training_schedule():
@@ -232,16 +245,16 @@ def test_sigma_to_timestep_inverts_the_training_schedule():
 
 def test_plan_places_noise_and_maps_back_to_vp():
     schedule = tiny_schedule()
-    euler = make_sigmas(schedule, 10, sampler="euler")
-    ddim = make_sigmas(schedule, 10, sampler="ddim")
+    euler = make_plan(schedule, 10, sampler="euler")
+    ddim = make_plan(schedule, 10, sampler="ddim")
     sigma_max = float(euler.sigmas[0])
     assert euler.noise_scale == pytest.approx(math.sqrt(sigma_max**2 + 1)) and euler.latent_scale == 1
-    assert make_sigmas(tiny_schedule(timestep_spacing="trailing"), 10, sampler="euler").noise_scale == pytest.approx(
+    assert make_plan(tiny_schedule(timestep_spacing="trailing"), 10, sampler="euler").noise_scale == pytest.approx(
         float(training_sigmas(schedule)[-1]), rel=1e-6
     )
     assert ddim.sigmas[-1] == training_sigmas(schedule)[0]
     assert ddim.latent_scale == pytest.approx(math.sqrt(schedule.alphas_cumprod[0]), rel=1e-6)
-    assert make_sigmas(schedule, 10, sampler="pndm").steps == 10
+    assert make_plan(schedule, 10, sampler="pndm").steps == 10
 
 
 def recording_unet(calls: list):
@@ -252,10 +265,26 @@ def recording_unet(calls: list):
     return unet
 
 
-def make_denoiser(unet, *, spec=TIMESTEP_SCALAR, guidance=3.0, **kwargs) -> Denoiser:
+def make_denoiser(
+    unet, *, spec=TIMESTEP_SCALAR, guidance=3.0, guidance_rescale=0.0, guidance_interval=None, cond=None,
+    uncond=None, prediction_type="epsilon", schedule=None, sample_dtype="float32", plan=None, max_batch=None,
+    guided=True,
+) -> GuidedDenoiser:
+    """The denoiser the pipeline builds, around `unet(sample, timestep, text)`; uncond defaults to
+    make_inputs()' unless guided=False."""
     inputs = make_inputs()
-    defaults = dict(cond=inputs.cond, uncond=inputs.uncond, prediction_type="epsilon", schedule=tiny_schedule())
-    return Denoiser(unet=unet, timestep_spec=spec, guidance_scale=guidance, **{**defaults, **kwargs})
+    cond = inputs.cond if cond is None else cond
+    uncond = (inputs.uncond if guided else None) if uncond is None else uncond
+
+    def run(sample, timestep, encoder_hidden_states):
+        return unet(sample, timestep, encoder_hidden_states)
+
+    sample_spec = TensorSpec("sample", sample_dtype, ("batch", 4, "height", "width"))
+    model = UNetModel(run, schedule or tiny_schedule(), prediction_type, sample_spec, spec, plan)
+    return GuidedDenoiser(
+        model, text_conditioning(cond), None if uncond is None else text_conditioning(uncond),
+        Guidance(guidance, guidance_rescale, guidance_interval), max_batch=max_batch,
+    )
 
 
 @pytest.mark.parametrize(
@@ -283,7 +312,7 @@ def test_timestep_dtype_and_rank(spec, shape, dtype):
 def test_guidance_off_makes_one_call_on_the_conditional_batch():
     calls: list = []
     inputs = make_inputs()
-    make_denoiser(recording_unet(calls), guidance=1.0, uncond=None)(inputs.noise, 3.0)
+    make_denoiser(recording_unet(calls), guidance=1.0, guided=False)(inputs.noise, 3.0)
     (shape, _, _, text), = calls
     assert shape == LATENT_SHAPE
     np.testing.assert_array_equal(text, inputs.cond)
@@ -297,7 +326,7 @@ def test_guidance_makes_one_batched_call_uncond_first():
     (shape, _, _, text), = calls
     assert shape == (2 * BATCH, *LATENT_SHAPE[1:])
     np.testing.assert_array_equal(text, np.concatenate([inputs.uncond, inputs.cond]))
-    t = np.asarray(denoiser.timestep(3.0))
+    t = np.asarray(denoiser.model.timestep(3.0))
     sample_in = inputs.noise / math.sqrt(10)
     out_uncond, out_cond = fake_unet(sample_in, t, inputs.uncond), fake_unet(sample_in, t, inputs.cond)
     expected = inputs.noise - 3.0 * (out_uncond + 4.0 * (out_cond - out_uncond))
@@ -329,7 +358,7 @@ def test_sample_prediction_returns_the_output():
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        (dict(guidance=3.0, uncond=None), InputError),
+        (dict(guidance=3.0, guided=False), InputError),
         (dict(guidance=-1.0), InputError),
         (dict(guidance_rescale=1.5), InputError),
         (dict(prediction_type="flow"), ModelError),
@@ -345,17 +374,17 @@ def test_denoiser_rejects_bad_config(kwargs, error):
 @pytest.mark.parametrize("name", ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "ddpm", "lcm"])
 def test_stochastic_samplers_need_noise_before_any_unet_call(name):
     calls: list = []
-    plan = make_sigmas(tiny_schedule(), 4, sampler=name)
+    plan = make_plan(tiny_schedule(), 4, sampler=name)
     with pytest.raises(InputError) as error:
-        sample(plan, make_denoiser(recording_unet(calls)), make_inputs().noise)
+        run_plan(plan, make_denoiser(recording_unet(calls)), make_inputs().noise)
     assert error.value.field == "rng" and not calls
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_callback_once_per_step(name):
-    plan = make_sigmas(tiny_schedule(), 6, sampler=name)
+    plan = make_plan(tiny_schedule(), 6, sampler=name)
     seen: list[dict] = []
-    sample(plan, make_denoiser(fake_unet), make_inputs().noise, rng=noise_source(0), callback=seen.append)
+    run_plan(plan, make_denoiser(fake_unet), make_inputs().noise, rng=noise_source(0), callback=seen.append)
     assert [info["i"] for info in seen] == list(range(6))
     assert [info["sigma"] for info in seen] == [float(s) for s in plan.sigmas[:-1]]
     assert all(info["x"].shape == info["denoised"].shape == LATENT_SHAPE for info in seen)
@@ -368,7 +397,7 @@ def test_guidance_interval_skips_the_unconditional_half_outside_it():
     guided_in = make_denoiser(recording_unet(inside), guidance=4.0, guidance_interval=interval)(inputs.noise, 3.0)
     guided_out = make_denoiser(recording_unet(outside), guidance=4.0, guidance_interval=interval)(inputs.noise, 7.0)
     full = make_denoiser(recording_unet(plain), guidance=4.0)(inputs.noise, 3.0)
-    cond_only = make_denoiser(recording_unet(unguided), guidance=1.0, uncond=None)(inputs.noise, 7.0)
+    cond_only = make_denoiser(recording_unet(unguided), guidance=1.0, guided=False)(inputs.noise, 7.0)
     assert inside[0][0][0] == 2 * BATCH and outside[0][0][0] == BATCH
     np.testing.assert_array_equal(guided_in, full)
     np.testing.assert_array_equal(guided_out, cond_only)
@@ -379,3 +408,24 @@ def test_guidance_interval_skips_the_unconditional_half_outside_it():
 def test_guidance_interval_must_be_an_ordered_pair(interval):
     with pytest.raises(InputError, match="guidance_interval"):
         make_denoiser(recording_unet([]), guidance=4.0, guidance_interval=interval)
+
+
+def test_max_batch_runs_one_image_at_a_time_with_the_same_result():
+    inputs = make_inputs()
+    whole, split = [], []
+    together = make_denoiser(recording_unet(whole), guidance=4.0)(inputs.noise, 3.0)
+    apart = make_denoiser(recording_unet(split), guidance=4.0, max_batch=1)(inputs.noise, 3.0)
+    assert [c[0][0] for c in whole] == [2 * BATCH] and [c[0][0] for c in split] == [1] * (2 * BATCH)
+    np.testing.assert_array_equal(np.concatenate([c[3] for c in split]), np.concatenate([inputs.uncond, inputs.cond]))
+    np.testing.assert_allclose(apart, together, rtol=1e-6, atol=1e-6)
+
+
+def test_conditioning_is_cast_once_to_the_dtypes_the_graph_declares():
+    calls: list = []
+    denoiser = make_denoiser(recording_unet(calls), guidance=4.0)
+    model = replace(denoiser.model, input_dtypes={"encoder_hidden_states": "float16"})
+    denoiser = replace(denoiser, model=model)
+    denoiser(make_inputs().noise, 3.0)
+    denoiser(make_inputs().noise, 2.0)
+    assert all(text.dtype == np.float16 for *_, text in calls)
+    assert denoiser._pair is denoiser._pair  # cached: one cast for the whole run

@@ -1,0 +1,264 @@
+"""A request checked against the model before any graph runs: what only the model's facts can say.
+
+`GenerationConfig` checks each field on its own; `check_request` checks the request against the
+manifest, cheaply and before the first session opens (the CLI runs it before loading the graphs):
+the mode suits the U-Net, sizes are multiples of the VAE factor, the init image is large enough and
+the mask its size, the text encoder has the clip-skip output asked for, and the request fits in
+memory. A batch too large for memory but whose images fit alone is split into runs.
+
+The memory estimate (`estimate_peak`) is the resident weights plus the larger of a U-Net run and a
+VAE decode, each linear in its pixels and quadratic in the tokens of an attention that is not
+computed in blocks:
+- U-Net: 172 bytes per latent pixel per channel of its first block, per image of the run (SD 1.5,
+  fused attention, one CFG call at 512 px: 0.45 GB over its 3.28 GB of weights), plus 12 bytes per
+  score (three float32 copies of softmax's input and output) for tokens^2 x heads held at once:
+  all heads for `--attention full` (optimum's exports, and folders that do not say), one for
+  `sliced`, none for `fused`.
+- VAE decode, one image at a time: 32 bytes per image pixel per channel of its first block (SD's
+  decoder at 512 px: ~1.0 GB, the 5.29 GB pipeline peak less 4.1 GB of weights and 0.2 GB of
+  runtime) plus its mid-block attention, one head over the latent pixels. Low memory decodes
+  256-pixel tiles.
+`python benchmarks/memory_estimate.py` prints measured peaks beside these estimates.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image
+
+from sdonnx.config import is_int, is_real
+from sdonnx.errors import InputError
+from sdonnx.runtime.images import default_size, open_image
+from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.memory import MemoryPolicy
+from sdonnx.runtime.model import TOKENIZER_DIR
+from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT, tokenize_prompt
+from sdonnx.runtime.starts import ImageInput, check_mode, default_strength, inpainting_unet
+from sdonnx.runtime.tokenizer import ClipTokenizer
+
+UNET_BYTES_PER_PIXEL_CHANNEL = 172
+VAE_BYTES_PER_PIXEL_CHANNEL = 32
+SCORE_BYTES = 12
+MARGIN = 1.15  # allocator slack and what the estimate leaves out (prompt chunks, the PNG encoder)
+NATIVE_SIZE_RATIO = 2  # beyond this factor from the native size a model draws repeats or blur
+SD_CHANNELS = {"unet": 320, "vae_decoder": 128}  # first-block widths of SD 1.x/2.x, for folders without configs
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request ready to run: the config (strength resolved), the image size, the opened init image
+    and mask, whether the U-Net inpaints, and the batch split into runs that fit in memory."""
+
+    config: object  # GenerationConfig (typed loosely: pipeline.py imports this module)
+    height: int
+    width: int
+    image: Image.Image | None
+    mask: ImageInput | None
+    inpainting: bool
+    runs: tuple[int, ...]
+
+
+def check_request(
+    manifest: Manifest, root: Path, policy: MemoryPolicy, config, image: ImageInput | None, mask: ImageInput | None,
+    *, available: int | None = None, tokenizer: ClipTokenizer | None = None,
+) -> Request:
+    """Check `config` with its init image and mask against the model; InputError naming the field.
+
+    The returned request's config has every default resolved: steps and guidance from the model's
+    recommended settings, strength from the mode.
+    """
+    config = config.with_defaults(manifest.recommended)
+    inpainting = inpainting_unet(manifest, root)
+    check_mode(inpainting, image, mask, manifest.unet_in_channels)
+    opened = open_image(image, "image") if image is not None else None
+    config = _resolved_strength(config, opened, mask)
+    height, width = _size(manifest, config, opened)
+    if opened is not None and mask is not None:
+        opened_mask = open_image(mask, "mask")
+        if opened_mask.size != opened.size:
+            raise InputError(
+                "mask", f"{opened_mask.width}x{opened_mask.height}", f"the init image's size, {opened.width}x{opened.height}"
+            )
+        mask = opened_mask
+    _check_clip_skip(manifest, config.clip_skip)
+    _check_prompts(tokenizer or ClipTokenizer.from_folder(root / TOKENIZER_DIR, manifest.tokenizer_max_length), config)
+    runs = _runs(manifest, root, policy, config.batch, height, width, available)
+    _warn_far_from_native(manifest, height, width)
+    return Request(config, height, width, opened, mask, inpainting, runs)
+
+
+def check_strength(strength: object, steps: int) -> None:
+    """InputError unless strength is in [0, 1] and leaves at least one of `steps` to run."""
+    if not is_real(strength) or not 0.0 <= strength <= 1.0:
+        raise InputError("strength", strength, "a number from 0 to 1")
+    if int(steps * strength) < 1:
+        raise InputError("strength", strength, f"at least 1/{steps}, so that steps * strength makes one step")
+
+
+MAX_SIDE = 8192  # pixels; A1111's API allows any size, but past this one image is gigabytes of activations
+
+
+def check_size(name: str, value: object, multiple: int) -> None:
+    """InputError unless `value` is a positive multiple of `multiple`, at most MAX_SIDE."""
+    if not is_int(value) or value <= 0 or value % multiple or value > MAX_SIDE:
+        raise InputError(name, value, f"a positive multiple of {multiple} (the VAE's downsample factor) up to {MAX_SIDE}")
+
+
+def _resolved_strength(config, image: Image.Image | None, mask: object):
+    """`config` with the strength this request runs at: the mode's default when it names none."""
+    if image is None:
+        if config.strength is not None:
+            raise InputError("strength", config.strength, "an init image to go with it (img2img or inpaint)")
+        return config
+    if config.strength is not None:
+        return config
+    strength = default_strength(mask)
+    check_strength(strength, config.steps)
+    return replace(config, strength=strength)
+
+
+def _size(manifest: Manifest, config, image: Image.Image | None) -> tuple[int, int]:
+    """(height, width): the config's, else the init image's (rounded down), else the model's native size."""
+    factor = manifest.vae_downsample
+    default = default_size(image, factor) if image else (manifest.default_image_size,) * 2
+    height, width = config.height or default[0], config.width or default[1]
+    check_size("height", height, factor)
+    check_size("width", width, factor)
+    return height, width
+
+
+def _check_clip_skip(manifest: Manifest, clip_skip: int) -> None:
+    """The text encoder must have the output clip_skip reads (known before loading for sdonnx folders)."""
+    spec = manifest.graphs.get("text_encoder")
+    if clip_skip == 1 or spec is None or not spec.outputs:
+        return
+    available = [int(o.name.rsplit("_", 1)[1]) for o in spec.outputs if o.name.startswith(CLIP_SKIP_OUTPUT.format(""))]
+    if CLIP_SKIP_OUTPUT.format(clip_skip) not in {o.name for o in spec.outputs}:
+        raise InputError(
+            "clip_skip", clip_skip, f"1 or one this text encoder was exported with ({sorted(available) or 'none'}; "
+            "re-export the model with `sdonnx export` for more)"
+        )
+
+
+def _check_prompts(tokenizer: ClipTokenizer, config) -> None:
+    """Both prompts must parse: weights in range, no more chunks than the U-Net can attend to."""
+    tokenize_prompt(tokenizer, config.prompt, field="prompt")
+    tokenize_prompt(tokenizer, config.negative_prompt, field="negative_prompt")
+
+
+def _warn_far_from_native(manifest: Manifest, height: int, width: int) -> None:
+    native = manifest.default_image_size
+    ratio = max(height, width) / native, native / min(height, width)
+    if max(ratio) > NATIVE_SIZE_RATIO:
+        warnings.warn(
+            f"size: {width}x{height} is far from this model's native {native}x{native}; expect repeated "
+            "or blurred shapes, and a long run (hires fix or a model trained at that size do better)",
+            stacklevel=4,
+        )
+
+
+def _runs(
+    manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int, available: int | None
+) -> tuple[int, ...]:
+    """The batch as runs that fit in `available` bytes (None: what the machine has free now)."""
+    available = available_memory() if available is None else available
+    need = estimate_peak(manifest, root, policy, batch, height, width)
+    if available is None or need <= available:
+        return (batch,)
+    single = estimate_peak(manifest, root, policy, 1, height, width)
+    if single <= available:
+        per_run = max(n for n in range(1, batch + 1) if estimate_peak(manifest, root, policy, n, height, width) <= available)
+        return (per_run,) * (batch // per_run) + ((batch % per_run,) if batch % per_run else ())
+    low = MemoryPolicy(release_sessions=True, unet_max_batch=1, decode_tile=policy.decode_tile or 32, arena=False)
+    hint = "" if policy.release_sessions else (
+        f"; --low-memory (low_memory=True) needs about {_gb(estimate_peak(manifest, root, low, 1, height, width))}"
+    )
+    raise InputError(
+        "size", f"{width}x{height}",
+        f"a size that fits in memory: one image needs about {_gb(single)}, {_gb(available)} is available{hint}; "
+        "or a smaller size",
+    )
+
+
+def estimate_peak(manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int) -> int:
+    """Estimated peak resident bytes of one run of `batch` images at height x width (module docstring)."""
+    f = manifest.vae_downsample
+    latent_pixels = (height // f) * (width // f)
+    unet_channels, heads = _first_channels(root, "unet"), _heads(root)
+    attention_heads = {"fused": 0, "sliced": 1}.get(manifest.unet_attention or "full", heads)
+    run_images = 1 if policy.unet_max_batch == 1 else 2 * batch  # CFG doubles the batch
+    unet = run_images * (
+        UNET_BYTES_PER_PIXEL_CHANNEL * unet_channels * latent_pixels + SCORE_BYTES * latent_pixels**2 * attention_heads
+    )
+    if policy.decode_tile is not None:
+        side = min(policy.decode_tile, max(height, width) // f)
+        decode_height, decode_width = min(height, side * f), min(width, side * f)
+    else:
+        decode_height, decode_width = height, width
+    decoded_latent = (decode_height // f) * (decode_width // f)
+    vae = (VAE_BYTES_PER_PIXEL_CHANNEL * _first_channels(root, "vae_decoder") * decode_height * decode_width
+           + SCORE_BYTES * decoded_latent**2)
+    weights = _graph_bytes(manifest, root)
+    resident = max(weights.values()) if policy.release_sessions else sum(weights.values())
+    return int(MARGIN * (resident + max(unet, vae)))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, capped by a cgroup limit; None where unknown."""
+    try:
+        info = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    if "MemAvailable" not in fields:
+        return None
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def _first_channels(root: Path, component: str) -> int:
+    config = _config(root, component)
+    channels = config.get("block_out_channels")
+    return int(channels[0]) if isinstance(channels, list) and channels else SD_CHANNELS[component]
+
+
+def _heads(root: Path) -> int:
+    """The U-Net's attention heads (diffusers' SD 1.x configs call the head count attention_head_dim)."""
+    heads = _config(root, "unet").get("num_attention_heads") or _config(root, "unet").get("attention_head_dim")
+    if isinstance(heads, list):
+        return max(int(h) for h in heads)
+    return int(heads) if isinstance(heads, int) else 8
+
+
+def _config(root: Path, component: str) -> dict:
+    try:
+        data = json.loads((root / component / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _graph_bytes(manifest: Manifest, root: Path) -> dict[str, int]:
+    """Each graph's file size, external data included: what its session holds resident."""
+    sizes = {}
+    for name, spec in manifest.graphs.items():
+        folder = (root / spec.path).parent
+        sizes[name] = sum(p.stat().st_size for p in folder.glob("*") if p.is_file() and p.suffix != ".json")
+    return sizes
+
+
+def _gb(count: int) -> str:
+    return f"{count / 2**30:.1f} GB"
+
+

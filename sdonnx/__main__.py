@@ -1,0 +1,7 @@
+"""`python -m sdonnx`: the same command as `sdonnx`."""
+
+import sys
+
+from sdonnx.cli import main
+
+sys.exit(main())
