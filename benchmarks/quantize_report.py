@@ -64,7 +64,7 @@ def worker(job: dict) -> dict:
     else:
         prompts, size = [SD15_PROMPT], job["size"]
     started = time.perf_counter()
-    images = [np.asarray(pipe(p, seed=i, steps=job["steps"], height=size, width=size)[0])
+    images = [np.asarray(pipe(p, seed=i, steps=job["steps"], guidance=job["guidance"], height=size, width=size)[0])
               for i, p in enumerate(prompts)]
     e2e_s = (time.perf_counter() - started) / len(prompts)
     dump = Path(job["dump"])
@@ -141,6 +141,7 @@ def measure(kind: str, model: Path, args: argparse.Namespace) -> list[dict]:
         for name, folder in variants.items():
             job = {"model": str(folder), "kind": kind, "variant": name, "threads": args.threads,
                    "prompts": args.prompts, "steps": args.steps if kind == "embedded" else args.sd15_steps,
+                   "guidance": args.guidance,
                    "size": args.size,
                    "dump": str(work / "dumps" / name)}
             runs[name].append(run_worker([sys.executable, __file__, "--worker"], job, f"{kind} {name}"))
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=200, help="embedded model: evaluation prompts")
     parser.add_argument("--steps", type=int, default=30, help="embedded model: sampler steps")
     parser.add_argument("--sd15-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=7.5, help="as the committed reports ran (default %(default)s)")
     parser.add_argument("--size", type=int, default=256, help="SD 1.5 image side")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

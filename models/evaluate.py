@@ -44,7 +44,8 @@ def score(pipe, sampler: str, *, prompts: int = 200, steps: int | None = None, g
     """Generate one image per evaluation prompt (seed + i for prompt i) and judge them, split by split.
 
     settings: other GenerationConfig fields (guidance_interval, schedule, ...)."""
-    resolved = GenerationConfig("", steps=steps, guidance=guidance).with_defaults(pipe.manifest.recommended)
+    resolved = GenerationConfig("", sampler=sampler, steps=steps, guidance=guidance)
+    resolved = resolved.with_defaults(pipe.manifest.recommended)
     steps, guidance = resolved.steps, resolved.guidance  # the model's recommended settings when not given
     pairs = evaluation_prompts(prompts)
     started = time.monotonic()
