@@ -15,10 +15,9 @@ import numpy as np
 
 from sdonnx.errors import InputError
 from sdonnx.runtime.model import ModelFolder, Sessions
-from sdonnx.runtime.pipeline import Pipeline
+from sdonnx.runtime.pipeline import Pipeline, load_tokenizers
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.runtime.session import Session
-from sdonnx.runtime.tokenizer import ClipTokenizer
 
 # Subjects, styles and lighting as users write them; short and long, with and without commas.
 DEFAULT_PROMPTS = (
@@ -74,8 +73,7 @@ def record_feeds(
     recorders = {c: Recorder(model.sessions[c]) for c in components}
     sessions = Sessions(list(model.sessions), lambda c: recorders.get(c) or model.sessions[c], model.sessions.policy)
     recorded = replace(model, sessions=sessions)
-    pipe = Pipeline(recorded, ClipTokenizer.from_folder(model.tokenizer_dir, model.manifest.tokenizer_max_length),
-                    progress=False)
+    pipe = Pipeline(recorded, load_tokenizers(model), progress=False)
     size = min(model.manifest.default_image_size, MAX_CALIBRATION_SIZE)
     for seed, prompt in enumerate(prompts):
         pipe(prompt, steps=steps, seed=seed, height=size, width=size)

@@ -65,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "or numpy (default torch)",
     )
     generate.add_argument("--clip-skip", type=int, help="text encoder layer from the end, as A1111 counts (default 1)")
+    generate.add_argument("--original-size", metavar="WxH", help="SDXL micro-conditioning: the size the image "
+                          "claims to come from (default: the image size)")
+    generate.add_argument("--target-size", metavar="WxH", help="SDXL micro-conditioning (default: the image size)")
+    generate.add_argument("--crop-top-left", metavar="TOP,LEFT", help="SDXL micro-conditioning crop (default 0,0)")
+    generate.add_argument("--aesthetic-score", type=float, help="SDXL refiner: aesthetic score (default 6)")
+    generate.add_argument("--negative-aesthetic-score", type=float, help="SDXL refiner: the negative half's (default 2.5)")
     generate.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image (img2img, inpaint)")
     generate.add_argument("--mask", type=Path, metavar="PATH", help="inpaint where this is white (needs --init-image)")
     generate.add_argument(
@@ -153,6 +159,12 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
         parsed["width"], parsed["height"] = parse_size(args.size)
     if args.guidance_interval is not None:
         parsed["guidance_interval"] = parse_interval(args.guidance_interval)
+    for flag, field in (("original_size", "original_size"), ("target_size", "target_size")):
+        if getattr(args, flag) is not None:
+            width, height = parse_size(getattr(args, flag), field)
+            parsed[field] = (height, width)  # diffusers' order
+    if args.crop_top_left is not None:
+        parsed["crops_coords_top_left"] = parse_pair(args.crop_top_left, "crops_coords_top_left")
     return config_from_args(GenerationConfig, args, defaults=saved, **parsed)
 
 
@@ -199,11 +211,19 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     """"512x768" -> (512, 768) as (width, height)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if match is None:
-        raise InputError("size", text, "WIDTHxHEIGHT, e.g. 512x512")
+        raise InputError(field, text, "WIDTHxHEIGHT, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
+def parse_pair(text: str, field: str) -> tuple[int, int]:
+    """"16,32" -> (16, 32)."""
+    match = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", text)
+    if match is None:
+        raise InputError(field, text, "two integers, e.g. 0,0")
     return int(match[1]), int(match[2])
 
 

@@ -78,11 +78,6 @@ class Conditioning:
         return Conditioning({k: v[start:stop] for k, v in self.inputs.items()}, channels)
 
 
-def text_conditioning(embeddings: np.ndarray, channels: np.ndarray | None = None) -> Conditioning:
-    """A Conditioning of the text embeddings [B, S, D] alone (SD 1.x/2.x), plus optional channels."""
-    return Conditioning({"encoder_hidden_states": embeddings}, channels)
-
-
 @dataclass(frozen=True)
 class UNetModel:
     """The model adapter: x [B, C, h, w] float32 at sigma, with a Conditioning of batch B, -> the

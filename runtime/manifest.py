@@ -20,12 +20,21 @@ from sdonnx.errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # in the order their hidden states are concatenated
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # the folder feeding each
+TEXT_HIDDEN_STATES = ("final", "penultimate")
+TIME_ID_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 DTYPES = ("float32", "float16", "int64", "int32")
 # Informational label only: the runtime reads facts, never the family.
 _FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2"}
+
+
+def text_encoders(manifest: Manifest) -> tuple[str, ...]:
+    """The model's text encoder components, in the order their widths are concatenated."""
+    return tuple(c for c in TEXT_ENCODERS if c in manifest.graphs)
 
 
 def family_for(cross_attention_dim: int) -> str:
@@ -72,6 +81,10 @@ class TrainingSchedule:
     timestep_spacing: str = "leading"
     steps_offset: int = 0
     beta_schedule: str = "scaled_linear"
+    # DDIM/PNDM's last step: to alpha 1 (True) or to alphas_cumprod[0]. diffusers' default, for configs
+    # that do not say, is True; every SD 1.x/2.x/SDXL config says False, as manifests from before
+    # this field was recorded assume.
+    set_alpha_to_one: bool = False
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> TrainingSchedule:
@@ -106,7 +119,16 @@ class TrainingSchedule:
             timestep_spacing=str(config.get("timestep_spacing", "leading")),
             steps_offset=int(config.get("steps_offset", 0)),
             beta_schedule=str(kind),
+            set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
         )
+
+
+def _time_ids(raw: list | None, where: str) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not raw or any(name not in TIME_ID_FIELDS for name in raw):
+        raise ModelError(f"{where}: time_ids: got {raw!r}, expected names from {list(TIME_ID_FIELDS)}")
+    return tuple(raw)
 
 
 def _recommended(raw: Mapping[str, Any], where: str) -> Mapping[str, Any]:
@@ -160,6 +182,19 @@ class Manifest:
     # The model card's settings, used when a request names none: {"steps": int, "guidance": float,
     # "samplers": {name: {"steps", "guidance"}}} (a sampler's own entry wins).
     recommended: Mapping[str, Any] = field(default_factory=dict)
+    # SDXL-style conditioning, None/False for SD 1.x/2.x. pooled_text_encoder: the text encoder whose
+    # pooled output (text_embeds) the U-Net takes as its text_embeds input. time_ids: what the U-Net's
+    # time_ids hold, in order (SDXL base: original_size, crops_coords_top_left, target_size, 6 values;
+    # the refiner: aesthetic_score instead of target_size, 5). force_zeros_for_empty_prompt: an empty
+    # negative prompt is all-zero embeddings, not the encoded "". vae_force_upcast: the VAE overflows
+    # in fp16 (the SDXL VAE), so quantization keeps it fp32.
+    pooled_text_encoder: str | None = None
+    # Which text encoder hidden states condition the U-Net: "final" (last_hidden_state, SD 1.x/2.x)
+    # or "penultimate" (the raw hidden_states.{N-1} of each encoder, SDXL); see runtime/text.py.
+    text_hidden_states: str = "final"
+    time_ids: tuple[str, ...] | None = None
+    force_zeros_for_empty_prompt: bool = False
+    vae_force_upcast: bool = False
     format_version: int = FORMAT_VERSION
 
     @property
@@ -201,6 +236,7 @@ class Manifest:
             timestep_spacing=s.get("timestep_spacing", str, choices=TIMESTEP_SPACINGS),
             steps_offset=s.get("steps_offset", int),
             beta_schedule=s.get("beta_schedule", str),
+            set_alpha_to_one=s.get("set_alpha_to_one", bool, optional=True) or False,
         )
         if len(schedule.alphas_cumprod) != schedule.num_train_timesteps:
             raise ModelError(
@@ -231,6 +267,11 @@ class Manifest:
             quantization=r.get("quantization", dict, optional=True),
             unet_attention=r.get("unet_attention", str, optional=True),
             recommended=_recommended(r.get("recommended", dict, optional=True) or {}, where),
+            pooled_text_encoder=r.get("pooled_text_encoder", str, optional=True, choices=COMPONENTS),
+            text_hidden_states=r.get("text_hidden_states", str, optional=True, choices=TEXT_HIDDEN_STATES) or "final",
+            time_ids=_time_ids(r.get("time_ids", list, optional=True), where),
+            force_zeros_for_empty_prompt=r.get("force_zeros_for_empty_prompt", bool, optional=True) or False,
+            vae_force_upcast=r.get("vae_force_upcast", bool, optional=True) or False,
             format_version=version,
         )
 
@@ -286,7 +327,7 @@ class _Reader:
                 return None
             raise ModelError(f"{path}: missing (expected {kind.__name__})")
         value = self.raw[key]
-        ok = isinstance(value, kind) and not isinstance(value, bool)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:

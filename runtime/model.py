@@ -24,18 +24,22 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime import graph_cache
 from sdonnx.runtime.integrity import verify_folder
-from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, TrainingSchedule, family_for
+from sdonnx.runtime.manifest import (
+    MANIFEST_NAME, TEXT_ENCODERS, TOKENIZERS, GraphSpec, Manifest, TrainingSchedule, family_for, text_encoders,
+)
 from sdonnx.runtime.memory import MemoryPolicy, return_freed_memory
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.session import Session
 
 GRAPH_FILE = "model.onnx"
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+REQUIRED = ("unet", "vae_decoder")  # and the model's text encoders (one or two)
 TOKENIZER_DIR = "tokenizer"
+POOLED_INPUTS = ("text_embeds", "time_ids")  # what a U-Net with pooled conditioning (SDXL) takes besides
 
 # The inputs this runtime feeds each graph, and the output it reads (any one of the alternatives).
 GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text_encoder": (("input_ids",), ("last_hidden_state",)),
+    "text_encoder_2": (("input_ids",), ("last_hidden_state",)),
     "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
     "vae_encoder": (("sample",), ("latent_parameters", "latent_sample")),
     "vae_decoder": (("latent_sample",), ("sample",)),
@@ -116,6 +120,10 @@ class ModelFolder:
     def tokenizer_dir(self) -> Path:
         return self.root / TOKENIZER_DIR
 
+    def tokenizer_dir_of(self, text_encoder: str) -> Path:
+        """The tokenizer folder feeding `text_encoder` (tokenizer/ or tokenizer_2/)."""
+        return self.root / TOKENIZERS[text_encoder]
+
     def output_name(self, component: str) -> str:
         """The output this runtime reads from `component` (vae_encoder's name differs by exporter)."""
         names = self.sessions[component].output_names
@@ -127,10 +135,11 @@ class ModelFolder:
         path: Path | str,
         options: RuntimeOptions = RuntimeOptions(),
         *,
-        components: Sequence[str] = REQUIRED,
+        components: Sequence[str] | None = None,
         optional: Sequence[str] = (),
     ) -> ModelFolder:
-        """Load `components` (each must exist) and the `optional` ones whose graph exists.
+        """Load `components` (each must exist; None: the model's text encoders, U-Net and VAE
+        decoder) and the `optional` ones whose graph exists.
 
         Graphs open now, unless the memory policy opens them on use: then those of a manifest
         folder are not opened here, and those of a folder without one open once, as their IO is
@@ -142,11 +151,13 @@ class ModelFolder:
         derived = not manifest_file.is_file()
         if derived:
             paths = {c: f"{c}/{GRAPH_FILE}" for c in GRAPH_IO}
+            components = components or _required(root, paths)
             _require_graphs(root, paths, components)
             facts = _derive_facts(root)
         else:
             declared = Manifest.read(root)
             paths = {c: spec.path for c, spec in declared.graphs.items()}
+            components = components or (*text_encoders(declared), *REQUIRED)
             for c in components:
                 if c not in paths:
                     raise ModelError(f"{manifest_file}: graphs.{c}: missing (the {c!r} graph is required)")
@@ -186,7 +197,7 @@ def read_facts(path: Path | str) -> tuple[Path, Manifest]:
     if (root / MANIFEST_NAME).is_file():
         return root, Manifest.read(root)
     paths = {c: f"{c}/{GRAPH_FILE}" for c in GRAPH_IO}
-    _require_graphs(root, paths, REQUIRED)
+    _require_graphs(root, paths, _required(root, paths))
     graphs = {c: GraphSpec(p, (), ()) for c, p in paths.items() if (root / p).is_file()}
     return root, Manifest(**_derive_facts(root), graphs=graphs)
 
@@ -218,6 +229,12 @@ def _model_root(path: Path | str) -> Path:
     return root
 
 
+def _required(root: Path, paths: Mapping[str, str]) -> tuple[str, ...]:
+    """A folder without a manifest: its text encoders (those it has; text_encoder when none) and REQUIRED."""
+    encoders = tuple(c for c in TEXT_ENCODERS if (root / paths[c]).is_file()) or ("text_encoder",)
+    return (*encoders, *REQUIRED)
+
+
 def _require_graphs(root: Path, paths: Mapping[str, str], components: Sequence[str]) -> None:
     """Name every missing graph file before loading any (a U-Net can take a minute to load)."""
     missing = [c for c in components if not (root / paths[c]).is_file()]
@@ -232,7 +249,9 @@ def _derive_facts(root: Path) -> dict[str, Any]:
     unet = read_json(root / "unet" / "config.json")
     vae = read_json(root / "vae_decoder" / "config.json")
     scheduler = read_json(root / "scheduler" / "scheduler_config.json")
-    text_encoder = read_json(root / "text_encoder" / "config.json", required=False)
+    index = read_json(root / "model_index.json", required=False)
+    first_encoder = next((c for c in TEXT_ENCODERS if (root / c / "config.json").is_file()), "text_encoder")
+    text_encoder = read_json(root / first_encoder / "config.json", required=False)
     unet_path, vae_path = root / "unet" / "config.json", root / "vae_decoder" / "config.json"
     blocks = vae.get("block_out_channels")
     if not isinstance(blocks, list) or not blocks:
@@ -243,6 +262,10 @@ def _derive_facts(root: Path) -> dict[str, Any]:
         schedule = TrainingSchedule.from_scheduler_config(scheduler)
     except (TypeError, ValueError) as e:
         raise ModelError(f"{root / 'scheduler/scheduler_config.json'}: {e}") from None
+    # diffusers' UNet2DConditionModel takes text_embeds and time_ids when addition_embed_type is text_time.
+    pooled = unet.get("addition_embed_type") == "text_time"
+    aesthetics = bool(index.get("requires_aesthetics_score", False))
+    time_ids = ("original_size", "crops_coords_top_left", "aesthetic_score" if aesthetics else "target_size")
     return dict(
         family=family_for(cross_attention_dim),
         prediction_type=prediction_type,
@@ -253,10 +276,15 @@ def _derive_facts(root: Path) -> dict[str, Any]:
         unet_in_channels=_number(unet, "in_channels", unet_path),
         cross_attention_dim=cross_attention_dim,
         sample_size=_number(unet, "sample_size", unet_path),
-        tokenizer_max_length=_max_length(root, text_encoder),
+        tokenizer_max_length=_max_length(root / TOKENIZERS[first_encoder], text_encoder),
         schedule=schedule,
         versions={},
         source=f"derived from the configs of {root}",
+        pooled_text_encoder="text_encoder_2" if pooled else None,
+        text_hidden_states="penultimate" if pooled else "final",
+        time_ids=time_ids if pooled else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
+        vae_force_upcast=bool(vae.get("force_upcast", False)),
     )
 
 
@@ -270,8 +298,8 @@ def _number(config: Mapping[str, Any], key: str, path: Path, kind: type = int, *
     return kind(value)
 
 
-def _max_length(root: Path, text_encoder: Mapping[str, Any]) -> int:
-    declared = read_json(root / TOKENIZER_DIR / "tokenizer_config.json", required=False).get("model_max_length")
+def _max_length(tokenizer_dir: Path, text_encoder: Mapping[str, Any]) -> int:
+    declared = read_json(tokenizer_dir / "tokenizer_config.json", required=False).get("model_max_length")
     if isinstance(declared, (int, float)) and not isinstance(declared, bool) and 0 < declared < _NO_LIMIT:
         return int(declared)
     positions = text_encoder.get("max_position_embeddings")
@@ -304,6 +332,8 @@ def _check_against_spec(session: Session, spec: GraphSpec) -> None:
 def _check_io(session: Session, manifest: Manifest) -> None:
     """The graph must take exactly the inputs this runtime feeds and agree with the manifest's facts."""
     inputs, outputs = GRAPH_IO[session.name]
+    if session.name == "unet" and manifest.pooled_text_encoder is not None:
+        inputs = (*inputs, *POOLED_INPUTS)
     names = [t.name for t in session.inputs]
     if sorted(names) != sorted(inputs):
         raise ModelError(f"{session.path}: inputs of {session.name!r}: expected {list(inputs)}, graph has {names}")
@@ -330,10 +360,13 @@ def _check_io(session: Session, manifest: Manifest) -> None:
 def _expected_dims(component: str, m: Manifest) -> list[tuple[str, int, str, int]]:
     """(tensor, axis, fact name, value) that a graph's fixed dims must equal."""
     return {
+        # Two text encoders' widths add up to cross_attention_dim; one's alone must equal it.
         "text_encoder": [
             ("input_ids", 1, "tokenizer_max_length", m.tokenizer_max_length),
-            ("last_hidden_state", -1, "cross_attention_dim", m.cross_attention_dim),
+            *([("last_hidden_state", -1, "cross_attention_dim", m.cross_attention_dim)]
+              if len(text_encoders(m)) == 1 else []),
         ],
+        "text_encoder_2": [("input_ids", 1, "tokenizer_max_length", m.tokenizer_max_length)],
         "unet": [
             ("sample", 1, "unet_in_channels", m.unet_in_channels),
             ("encoder_hidden_states", -1, "cross_attention_dim", m.cross_attention_dim),

@@ -25,22 +25,21 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdonnx.config import check_choice, check_int
+from sdonnx.config import check_choice, check_int, check_real, is_int
 from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
-from sdonnx.runtime.denoiser import Guidance, GuidedDenoiser, UNetModel, text_conditioning
+from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
 from sdonnx.runtime.images import check_finite, decode, encode
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
-from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT, apply_weights, tokenize_prompt
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
 from sdonnx.runtime.schedules import Plan, strength_tail
-from sdonnx.runtime.session import Session
 from sdonnx.runtime.starts import ImageInput, Start, read_init, start_latents
+from sdonnx.runtime.text import conditioning
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
@@ -81,6 +80,17 @@ class GenerationConfig:
     strength: float | None = None
     clip_skip: int = 1  # A1111's convention: 1 = the text encoder's last layer, 2 = the one before
     rng: str = "torch"  # noise generator: "torch" (the same noise as torch.manual_seed on CPU) or "numpy"
+    # SDXL micro-conditioning (models whose manifest has time_ids), diffusers' names and meaning:
+    # (height, width) sizes and (top, left) crops; None: the image size, (0, 0); the negative_* ones
+    # default to the positive ones. aesthetic scores (the refiner): None is 6.0 and 2.5.
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -104,6 +114,16 @@ class GenerationConfig:
             check_strength(self.strength, self.steps or 1)
         check_int("clip_skip", self.clip_skip, 1, 12)
         check_choice("rng", self.rng, RNGS)
+        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                     "negative_crops_coords_top_left", "negative_target_size"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v >= 0 for v in value):
+                    raise InputError(name, value, "(height, width) or (top, left): two integers >= 0")
+                object.__setattr__(self, name, (int(value[0]), int(value[1])))
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), 0, 10)
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -125,10 +145,15 @@ class Pipeline:
     progress: show a tqdm bar over the sampler steps.
     """
 
-    def __init__(self, model: ModelFolder, tokenizer: ClipTokenizer, *, progress: bool = True):
+    def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True):
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        """The first text encoder's tokenizer."""
+        return next(iter(self.tokenizers.values()))
 
     @classmethod
     def load(
@@ -143,14 +168,13 @@ class Pipeline:
 
         path None: the embedded model (sdonnx.models.EMBEDDED_MODEL), which needs no download.
         options: how the graphs run; or give RuntimeOptions' fields as keywords instead
-        (provider="cpu", threads=2, low_memory=True, ...).
+        (provider="cpu", threads=2, ...).
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
         options = options if options is not None else RuntimeOptions(**option_fields)
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
-        tokenizer = ClipTokenizer.from_folder(model.tokenizer_dir, model.manifest.tokenizer_max_length)
-        return cls(model, tokenizer, progress=progress)
+        return cls(model, load_tokenizers(model), progress=progress)
 
     @property
     def manifest(self) -> Manifest:
@@ -221,7 +245,7 @@ class Pipeline:
     ) -> Request:
         """`config` with its init image and mask checked against this model (request.py), no graph run."""
         memory = self.model.options.memory
-        return check_request(self.manifest, self.model.root, memory, config, image, mask, tokenizer=self.tokenizer)
+        return check_request(self.manifest, self.model.root, memory, config, image, mask, tokenizers=self.tokenizers)
 
     def generate(
         self,
@@ -269,7 +293,8 @@ class Pipeline:
         rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         f = m.vae_downsample
         shape = (config.batch, m.latent_channels, request.height // f, request.width // f)
-        cond, uncond = self._embeddings(config)  # first: a prompt over the length limit fails before any image work
+        # First: a prompt over the length limit fails before any image work.
+        cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
         start = start_latents(
             init, config.strength, shape=shape, plan=plan, rng=rng, latents=latents,
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,
@@ -277,22 +302,6 @@ class Pipeline:
         latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, callback)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
             return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
-
-    def _embeddings(self, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray | None]:
-        """cond [B, k*77, D] and uncond (None when guidance <= 1: the unconditional half never runs)."""
-        guided = config.guidance_settings.enabled
-        with self.model.sessions.use("text_encoder") as text_encoder:
-            cond = encode_prompt(
-                text_encoder, self.tokenizer, config.prompt, config.batch,
-                clip_skip=config.clip_skip, pad_to=config.negative_prompt if guided else None,
-            )
-            if not guided:
-                return cond, None
-            uncond = encode_prompt(
-                text_encoder, self.tokenizer, config.negative_prompt, config.batch,
-                clip_skip=config.clip_skip, pad_to=config.prompt, field="negative_prompt",
-            )
-        return cond, uncond
 
     def _encode(self, pixels: np.ndarray, rng: NoiseSource, batch: int) -> np.ndarray:
         """pixels [1, 3, H, W] -> latents [batch, C, H/f, W/f], one encoder sample per image."""
@@ -307,8 +316,8 @@ class Pipeline:
     def _denoise(
         self,
         start: Start,
-        cond: np.ndarray,
-        uncond: np.ndarray | None,
+        cond: Mapping[str, np.ndarray],
+        uncond: Mapping[str, np.ndarray] | None,
         plan: Plan,
         guidance: Guidance,
         rng: NoiseSource,
@@ -323,8 +332,8 @@ class Pipeline:
         with self.model.sessions.use("unet") as unet:
             denoise = GuidedDenoiser(
                 UNetModel.for_session(unet, self.manifest, plan),
-                text_conditioning(cond, start.channels),
-                None if uncond is None else text_conditioning(uncond, start.channels),
+                Conditioning(cond, start.channels),
+                None if uncond is None else Conditioning(uncond, start.channels),
                 guidance,
                 max_batch=self.model.options.memory.unet_max_batch,
             )
@@ -346,48 +355,7 @@ class Pipeline:
         return latent
 
 
-def encode_prompt(
-    text_encoder: Session,
-    tokenizer: ClipTokenizer,
-    prompt: str,
-    batch: int,
-    *,
-    clip_skip: int = 1,
-    pad_to: str | None = None,
-    field: str = "prompt",
-) -> np.ndarray:
-    """prompt -> embeddings float32 [batch, k * L, D], read-only (identical for every step).
-
-    The prompt's k chunks of L = tokenizer.max_length tokens (prompts.py: long prompts, attention
-    weights, BREAK) are encoded once and the result repeated `batch` times. pad_to: the other prompt
-    of the classifier-free-guidance pair; empty chunks are appended until this one has at least as
-    many chunks, since the U-Net runs both halves in one batch. clip_skip: A1111's convention, 1 = the
-    last layer; n > 1 reads the graph's `clip_skip_n` output (final_layer_norm(hidden_states[-n])).
-    field: the GenerationConfig field `prompt` comes from, named in errors (pad_to's errors name the other).
-    """
-    chunks = tokenize_prompt(tokenizer, prompt, field=field)
-    if pad_to is not None:
-        other = "negative_prompt" if field == "prompt" else "prompt"
-        chunks = chunks.padded(len(tokenize_prompt(tokenizer, pad_to, field=other)), tokenizer)
-    output = "last_hidden_state" if clip_skip == 1 else CLIP_SKIP_OUTPUT.format(clip_skip)
-    if output not in text_encoder.output_names:
-        raise ModelError(
-            f"{text_encoder.path}: clip_skip={clip_skip} needs the text encoder output {output!r}, which this "
-            f"graph lacks (outputs: {text_encoder.output_names}); re-export the model with `sdonnx export`"
-        )
-    embeddings = apply_weights(_run_in_batches(text_encoder, chunks.ids, output), chunks.weights)
-    k, length, width = embeddings.shape
-    joined = embeddings.reshape(1, k * length, width)
-    embeddings = np.broadcast_to(joined, (batch, k * length, width)).astype(np.float32)
-    embeddings.flags.writeable = False
-    return embeddings
-
-
-def _run_in_batches(text_encoder: Session, ids: np.ndarray, output: str) -> np.ndarray:
-    """input_ids [N, L] -> `output` float32 [N, L, D]: one run, or runs of the graph's batch when that is fixed."""
-    spec = text_encoder.input("input_ids")
-    size = spec.shape[0] if isinstance(spec.shape[0], int) else len(ids)
-    # A fixed batch is filled up with copies of the last chunk, whose outputs are dropped.
-    filled = np.pad(ids, ((0, -len(ids) % size), (0, 0)), mode="edge").astype(spec.dtype)
-    runs = [text_encoder.run(input_ids=group)[output] for group in np.split(filled, len(filled) // size)]
-    return np.concatenate(runs)[: len(ids)].astype(np.float32)
+def load_tokenizers(model: ModelFolder) -> dict[str, ClipTokenizer]:
+    """The tokenizer of each of the model's text encoders (tokenizer/, tokenizer_2/)."""
+    length = model.manifest.tokenizer_max_length
+    return {name: ClipTokenizer.from_folder(model.tokenizer_dir_of(name), length) for name in text_encoders(model.manifest)}

@@ -27,17 +27,18 @@ import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Mapping
 
 from PIL import Image
 
 from sdonnx.config import is_int, is_real
 from sdonnx.errors import InputError
 from sdonnx.runtime.images import default_size, open_image
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
 from sdonnx.runtime.memory import MemoryPolicy
-from sdonnx.runtime.model import TOKENIZER_DIR
-from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT, tokenize_prompt
+from sdonnx.runtime.prompts import tokenize_prompt
 from sdonnx.runtime.starts import ImageInput, check_mode, default_strength, inpainting_unet
+from sdonnx.runtime.text import check_conditioning_fields, hidden_output
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 UNET_BYTES_PER_PIXEL_CHANNEL = 172
@@ -64,7 +65,7 @@ class Request:
 
 def check_request(
     manifest: Manifest, root: Path, policy: MemoryPolicy, config, image: ImageInput | None, mask: ImageInput | None,
-    *, available: int | None = None, tokenizer: ClipTokenizer | None = None,
+    *, available: int | None = None, tokenizers: Mapping[str, ClipTokenizer] | None = None,
 ) -> Request:
     """Check `config` with its init image and mask against the model; InputError naming the field.
 
@@ -85,7 +86,12 @@ def check_request(
             )
         mask = opened_mask
     _check_clip_skip(manifest, config.clip_skip)
-    _check_prompts(tokenizer or ClipTokenizer.from_folder(root / TOKENIZER_DIR, manifest.tokenizer_max_length), config)
+    check_conditioning_fields(manifest, config)
+    if tokenizers is None:
+        tokenizers = {name: ClipTokenizer.from_folder(root / TOKENIZERS[name], manifest.tokenizer_max_length)
+                      for name in text_encoders(manifest)}
+    for tokenizer in tokenizers.values():
+        _check_prompts(tokenizer, config)
     runs = _runs(manifest, root, policy, config.batch, height, width, available)
     _warn_far_from_native(manifest, height, width)
     return Request(config, height, width, opened, mask, inpainting, runs)
@@ -132,14 +138,14 @@ def _size(manifest: Manifest, config, image: Image.Image | None) -> tuple[int, i
 
 
 def _check_clip_skip(manifest: Manifest, clip_skip: int) -> None:
-    """The text encoder must have the output clip_skip reads (known before loading for sdonnx folders)."""
-    spec = manifest.graphs.get("text_encoder")
-    if clip_skip == 1 or spec is None or not spec.outputs:
-        return
-    available = [int(o.name.rsplit("_", 1)[1]) for o in spec.outputs if o.name.startswith(CLIP_SKIP_OUTPUT.format(""))]
-    if CLIP_SKIP_OUTPUT.format(clip_skip) not in {o.name for o in spec.outputs}:
+    """Every text encoder must have the output clip_skip reads (known before loading for sdonnx folders)."""
+    for name in text_encoders(manifest):
+        outputs = [o.name for o in manifest.graphs[name].outputs]
+        if clip_skip == 1 or not outputs or hidden_output(outputs, manifest.text_hidden_states, clip_skip):
+            continue
+        usable = [n for n in range(2, 13) if hidden_output(outputs, manifest.text_hidden_states, n)]
         raise InputError(
-            "clip_skip", clip_skip, f"1 or one this text encoder was exported with ({sorted(available) or 'none'}; "
+            "clip_skip", clip_skip, f"1 or one this text encoder was exported with ({usable or 'none'}; "
             "re-export the model with `sdonnx export` for more)"
         )
 

@@ -48,7 +48,7 @@ class SamplerInfo:
 
 _DEFAULT_ONLY = ("default",)
 _discrete_rounded = partial(discrete_plan, round_karras=True)
-_ddim_plan = partial(alpha_plan, final_alpha_one=False)
+_ddim_plan = alpha_plan  # the final alpha as the config's set_alpha_to_one says
 
 # DDIM (eta 0) and DDPM are the Euler and ancestral Euler steps in k-space (see those samplers'
 # docstrings); what differs is their plan: integer timesteps, VP initial noise, DDIM's final alpha.

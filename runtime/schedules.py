@@ -18,7 +18,7 @@ Each diffusers scheduler picks its own timesteps, and the plan reproduces those 
 included: the Euler family's initial noise is sqrt(sigma_max^2 + 1) for "leading" spacing but sigma_max
 for "linspace"/"trailing"; DDIM/PNDM/DDPM/LCM/UniPC/DPM-Solver start from unit noise in VP space
 (noise_scale = sqrt(sigma_max^2 + 1)); DDIM/PNDM end at sigma(t=0) instead of 0 (set_alpha_to_one=False,
-as in every SD config) and return a VP latent (latent_scale = alpha there); DPM-Solver/UniPC lay
+as in every SD config; 0 when a config sets it) and return a VP latent (latent_scale = alpha there); DPM-Solver/UniPC lay
 steps+1 points and drop t=0 and use integer timesteps (karras rounded, exponential truncated), KDPM2
 rounds karras timesteps, Euler/Heun/LMS do not; LCM picks its own timesteps from 50 original steps.
 
@@ -189,10 +189,14 @@ def multistep_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: s
     return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas))
 
 
-def alpha_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, final_alpha_one: bool) -> Plan:
-    """DDIM, PNDM (final alpha = alphas_cumprod[0]) and DDPM (final alpha = 1), all VP-native."""
+def alpha_plan(
+    schedule: TrainingSchedule, steps: int, kind: str, sampler: str, *, final_alpha_one: bool | None = None
+) -> Plan:
+    """DDIM and PNDM (final alpha = alphas_cumprod[0], or 1 when the config sets set_alpha_to_one) and
+    DDPM (final alpha = 1), all VP-native. final_alpha_one None: the schedule's set_alpha_to_one."""
     timesteps = _spaced_timesteps(schedule, steps, skip_last=False, integer=True)
-    final = 0.0 if final_alpha_one else training_sigmas(schedule)[0]
+    one = schedule.set_alpha_to_one if final_alpha_one is None else final_alpha_one
+    final = 0.0 if one else training_sigmas(schedule)[0]
     sigmas = np.append(_at(schedule, timesteps), final).astype(np.float32)
     alpha_final = 1 / math.sqrt(float(sigmas[-1]) ** 2 + 1)
     return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), latent_scale=alpha_final)

@@ -51,6 +51,8 @@ RANDN_MODULES = (
     "diffusers.models.autoencoders.vae",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img",
     "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img",
+    "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint",
 )
 
 

@@ -9,6 +9,8 @@ sdonnx's for the plain prompt string (max |Δpixel| <= 2/255, as tests/test_pipe
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import itertools
 import random
 import shutil
@@ -22,7 +24,7 @@ import pytest
 from sdonnx.errors import InputError
 from sdonnx.runtime import Pipeline
 from sdonnx.runtime.manifest import Manifest, TensorSpec
-from sdonnx.runtime.pipeline import encode_prompt
+from sdonnx.runtime import text
 from sdonnx.runtime.prompts import MAX_CHUNKS, apply_weights, parse_prompt_attention, tokenize_prompt
 from sdonnx.runtime.tokenizer import ClipTokenizer
 from tiny_models import KINDS, _write_tokenizer
@@ -67,6 +69,15 @@ PARSER_CASES = [
     # deliberate difference: A1111 gives ("BREAK", -1.1) here, then feeds the literal word
     ("(a BREAK b)", [("a", 1.1), BREAK, ("b", 1.1)]),
 ]
+
+
+SD1_TEXT = SimpleNamespace(text_hidden_states="final", pooled_text_encoder=None)  # the facts encoding reads
+
+
+def encode_prompt(session, tokenizer, prompt, batch, **settings):
+    """One SD 1.x text encoder's embeddings [batch, k * 77, D] (text.encode_prompt without pooling)."""
+    return text.encode_prompt([text.TextEncoder("text_encoder", session, tokenizer)], SD1_TEXT, prompt, batch,
+                              **settings)[0]
 
 
 @pytest.mark.parametrize(("text", "expected"), PARSER_CASES, ids=[repr(t) for t, _ in PARSER_CASES])

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from sdonnx.errors import InputError, ModelError
-from sdonnx.runtime.denoiser import Guidance, GuidedDenoiser, UNetModel, rescale_noise_cfg, text_conditioning
+from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel, rescale_noise_cfg
 from sdonnx.runtime.manifest import TensorSpec, TrainingSchedule
 from sdonnx.runtime.noise import noise_source
 from sdonnx.runtime.pipeline import GenerationConfig
@@ -282,7 +282,8 @@ def make_denoiser(
     sample_spec = TensorSpec("sample", sample_dtype, ("batch", 4, "height", "width"))
     model = UNetModel(run, schedule or tiny_schedule(), prediction_type, sample_spec, spec, plan)
     return GuidedDenoiser(
-        model, text_conditioning(cond), None if uncond is None else text_conditioning(uncond),
+        model, Conditioning({"encoder_hidden_states": cond}),
+        None if uncond is None else Conditioning({"encoder_hidden_states": uncond}),
         Guidance(guidance, guidance_rescale, guidance_interval), max_batch=max_batch,
     )
 
