@@ -22,7 +22,7 @@ from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.integrity import verify_folder
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder, read_facts
-from sdonnx.runtime.pipeline import RNGS, GenerationConfig, Pipeline
+from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.request import check_request
 from sdonnx.runtime.sampling import SAMPLERS
@@ -71,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--crop-top-left", metavar="TOP,LEFT", help="SDXL micro-conditioning crop (default 0,0)")
     generate.add_argument("--aesthetic-score", type=float, help="SDXL refiner: aesthetic score (default 6)")
     generate.add_argument("--negative-aesthetic-score", type=float, help="SDXL refiner: the negative half's (default 2.5)")
+    generate.add_argument("--refiner", type=Path, metavar="FOLDER",
+                          help="a second model (an SDXL refiner) that finishes the image from --refiner-switch on")
+    generate.add_argument("--refiner-switch", type=float, metavar="F",
+                          help="with --refiner: the share of the steps the base runs, 0..1 (default 0.8)")
     generate.add_argument("--init-image", type=Path, metavar="PATH", help="start from this image (img2img, inpaint)")
     generate.add_argument("--mask", type=Path, metavar="PATH", help="inpaint where this is white (needs --init-image)")
     generate.add_argument(
@@ -133,13 +137,23 @@ def _generate(args: argparse.Namespace) -> int:
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
     config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
+    if args.refiner is not None:
+        config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
+        refiner_root, refiner_facts = read_facts(args.refiner)
+        check_request(refiner_facts, refiner_root, options.memory, config, None, None)
+    elif config.refiner_switch is not None:
+        raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")
 
     pipe = Pipeline.load(root, options, progress=not args.quiet)
-    images = pipe.generate(config, image=init_image, mask=mask)  # img2img with an image, inpainting with a mask
+    refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
+    # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
+    images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner)
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
     for image, path in zip(images, outputs):
-        write_png(image, path, format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model))
+        parameters = format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model,
+                                       refiner=refiner.model if refiner is not None else None)
+        write_png(image, path, parameters)
         if not args.quiet:
             print(f"wrote {path}")
     return 0
@@ -152,6 +166,8 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
         if args.strength is not None:
             raise InputError("strength", args.strength, "--init-image too (strength is how far to noise it)")
         saved.pop("strength", None)  # an img2img PNG re-run without its init image is a text-to-image run
+    if args.refiner is None:
+        saved.pop("refiner_switch", None)  # the refiner is named in the file, but only --refiner loads one
     if args.prompt is None and "prompt" not in saved:
         raise InputError("prompt", None, "a prompt, or --from-png FILE")
     parsed = {}

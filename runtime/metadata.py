@@ -59,11 +59,13 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
     ("Denoising strength", "strength", float),
     ("Clip skip", "clip_skip", int),
     ("Guidance rescale", "guidance_rescale", float),
+    ("Refiner switch at", "refiner_switch", float),
 )
 
 
 def format_parameters(
-    config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None
+    config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None,
+    refiner: ModelFolder | None = None,
 ) -> str:
     """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
 
@@ -87,6 +89,8 @@ def format_parameters(
         "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
         "Guidance interval": ",".join(str(_number(v)) for v in config.guidance_interval)
         if config.guidance_interval else None,
+        "Refiner": f"{refiner.root.name} [{model_hash(refiner)}]" if refiner is not None else None,
+        "Refiner switch at": _number(config.refiner_switch) if config.refiner_switch is not None else None,
     }
     if model is not None:
         fields |= {

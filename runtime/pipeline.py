@@ -37,12 +37,13 @@ from sdonnx.runtime.noise import NoiseSource, noise_source
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
-from sdonnx.runtime.schedules import Plan, strength_tail
+from sdonnx.runtime.schedules import Plan, split_plan, strength_tail
 from sdonnx.runtime.starts import ImageInput, Start, read_init, start_latents
 from sdonnx.runtime.text import conditioning
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
+REFINER_SWITCH = 0.8  # diffusers' ensemble-of-experts example and A1111's default
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # for models whose manifest recommends nothing
 MAX_BATCH = 256  # images per request; memory-bound batches are split into runs below this
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
@@ -91,6 +92,9 @@ class GenerationConfig:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
+    # With a refiner (generate's `refiner=`): the share of the plan the base runs, diffusers'
+    # denoising_end for the base and denoising_start for the refiner, A1111's "Refiner switch at".
+    refiner_switch: float | None = None
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -124,6 +128,8 @@ class GenerationConfig:
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0, 10)
+        if self.refiner_switch is not None:
+            check_real("refiner_switch", self.refiner_switch, 0, 1)
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -255,20 +261,29 @@ class Pipeline:
         mask: ImageInput | None = None,
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
+        refiner: Pipeline | None = None,
     ) -> list[Image.Image]:
         """Run `config`: text to image; with `image`, img2img; with `image` and `mask`, inpainting.
 
         See __call__ for `latents` and `callback`, img2img and inpaint for `image` and `mask`. A batch
         too large for memory runs in parts (`Request.runs`); image k still uses seed + k.
+        refiner: a second model (an SDXL refiner) that runs the plan from config.refiner_switch (0.8
+        when unset) on, from this model's latents, with its own conditioning, and decodes with its VAE.
         Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint).
         """
+        if refiner is not None:
+            config = replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
+            self._check_refiner(refiner)
+            refiner.check(config.with_defaults(self.manifest.recommended))
+        elif config.refiner_switch is not None:
+            raise InputError("refiner_switch", config.refiner_switch, "a refiner to switch to (refiner=, --refiner)")
         request = self.check(config, image=image, mask=mask)
         config = request.config
         seed = config.seed if config.seed is not None else secrets.randbelow(2**32)  # short enough to retype
         images, first = [], 0
         for count in request.runs:
             part = None if latents is None else latents[first : first + count]
-            images += self._run(request, replace(config, batch=count), seed + first, part, callback)
+            images += self._run(request, replace(config, batch=count), seed + first, part, callback, refiner)
             first += count
         for index, image in enumerate(images):
             image.info.update(seed=seed + index, batch_index=index)
@@ -283,13 +298,17 @@ class Pipeline:
         seed: int,
         latents: np.ndarray | None,
         callback: StepCallback | None,
+        refiner: Pipeline | None = None,
     ) -> list[Image.Image]:
-        """One run of config.batch images from `seed`: tokens -> embeddings -> start -> sampler -> decode."""
+        """One run of config.batch images from `seed`: tokens -> embeddings -> start -> sampler -> decode
+        (the refiner's sampler and decode, when there is one)."""
         m = self.manifest
         init = read_init(request.image, request.mask, request.height, request.width) if request.image else None
         plan = make_plan(m.schedule, config.steps, sampler=config.sampler, kind=config.schedule)
         if init is not None:
             plan = strength_tail(plan, config.strength)
+        if refiner is not None:
+            plan, tail = split_plan(plan, m.schedule, config.refiner_switch)
         rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         f = m.vae_downsample
         shape = (config.batch, m.latent_channels, request.height // f, request.width // f)
@@ -300,8 +319,33 @@ class Pipeline:
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,
         )
         latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, callback)
+        if refiner is not None:
+            return refiner._refine(config, request, latent, tail, rng, callback)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
             return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+
+    def _refine(
+        self, config: GenerationConfig, request: Request, x: np.ndarray, plan: Plan, rng: NoiseSource,
+        callback: StepCallback | None,
+    ) -> list[Image.Image]:
+        """The refiner's part: x [B, C, h, w] (k-space, at plan.sigmas[0]) -> images, with this
+        model's own text encoders, time ids (aesthetic scores) and VAE."""
+        m = self.manifest
+        config = config.with_defaults(m.recommended)
+        cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
+        latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, callback)
+        with self.model.sessions.use("vae_decoder") as vae_decoder:
+            return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+
+    def _check_refiner(self, refiner: Pipeline) -> None:
+        """A refiner must continue this model's latents: same latent space and training schedule."""
+        mine, theirs = self.manifest, refiner.manifest
+        for fact in ("latent_channels", "vae_downsample"):
+            if getattr(mine, fact) != getattr(theirs, fact):
+                raise InputError("refiner", str(refiner.model.root), f"a model with this one's {fact} ({getattr(mine, fact)})")
+        ours, its = np.asarray(mine.schedule.alphas_cumprod), np.asarray(theirs.schedule.alphas_cumprod)
+        if ours.shape != its.shape or not np.allclose(ours, its, rtol=1e-5, atol=0):  # torch and NumPy cumprods differ by ~1e-6
+            raise InputError("refiner", str(refiner.model.root), "a model trained with this one's noise schedule")
 
     def _encode(self, pixels: np.ndarray, rng: NoiseSource, batch: int) -> np.ndarray:
         """pixels [1, 3, H, W] -> latents [batch, C, H/f, W/f], one encoder sample per image."""

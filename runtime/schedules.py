@@ -37,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from sdonnx.errors import InputError
 from sdonnx.runtime.manifest import TrainingSchedule
 
 LCM_ORIGINAL_STEPS = 50
@@ -210,6 +211,22 @@ def lcm_plan(schedule: TrainingSchedule, steps: int, kind: str, sampler: str) ->
     timesteps = origin[picks].astype(np.float64)
     sigmas = np.append(_at(schedule, timesteps), 0.0).astype(np.float32)
     return Plan(sampler, sigmas, timesteps, _vp_unit_noise(sigmas), timestep_scaling=LCM_TIMESTEP_SCALING)
+
+
+def split_plan(plan: Plan, schedule: TrainingSchedule, switch: float) -> tuple[Plan, Plan]:
+    """`plan` cut where diffusers' denoising_end / denoising_start = `switch` cut it (the base and
+    refiner "ensemble of experts"): the head runs the steps whose timestep is at or above
+    round(T * (1 - switch)) and ends at the sigma where the tail starts; its latent_scale is 1, so it
+    returns x in k-space, what the tail starts from. Multistep samplers restart their history in the
+    tail, as after strength_tail; diffusers' second-order schedulers shift an even cut by one.
+    """
+    cutoff = int(round(schedule.num_train_timesteps * (1 - switch)))
+    k = int((plan.timesteps >= cutoff).sum())
+    if not 0 < k < plan.steps:
+        raise InputError("refiner_switch", switch, f"a fraction that leaves steps to both models (it gives the base {k} "
+                         f"of {plan.steps})")
+    head = replace(plan, sigmas=plan.sigmas[: k + 1], timesteps=plan.timesteps[:k], latent_scale=1.0)
+    return head, replace(plan, sigmas=plan.sigmas[k:], timesteps=plan.timesteps[k:])
 
 
 def strength_tail(plan: Plan, strength: float) -> Plan:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sdonnx.errors import InputError
-from sdonnx.runtime import Pipeline
+from sdonnx.runtime import GenerationConfig, Pipeline
 from sdonnx.runtime.noise import noise_source
 from sdonnx.runtime.sampling import SAMPLERS
 
@@ -217,3 +217,82 @@ def image_size(path: Path) -> tuple[int, int]:
 
     with Image.open(path) as image:
         return image.size
+
+
+# --- refiner: the base -> refiner hand-off -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def refiner_source(reference, tmp_path_factory) -> Path:
+    """A refiner-shaped pipeline from the fixture's parts: text_encoder_2 alone (40 wide), a seeded
+    random U-Net taking aesthetic-score time ids (5 x 8 + 32 projection), requires_aesthetics_score."""
+    config = {k: v for k, v in reference.unet.config.items() if not k.startswith("_")}
+    config.update(cross_attention_dim=reference.text_encoder_2.config.hidden_size,
+                  projection_class_embeddings_input_dim=5 * config["addition_time_embed_dim"] + 32)
+    torch.manual_seed(7)
+    unet = diffusers.UNet2DConditionModel(**config)
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=reference.vae, text_encoder=None, text_encoder_2=reference.text_encoder_2, tokenizer=None,
+        tokenizer_2=reference.tokenizer_2, unet=unet, scheduler=reference.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )
+    folder = tmp_path_factory.mktemp("refiner") / "source"
+    refiner.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def refiner(refiner_source) -> Pipeline:
+    from sdonnx.export import ExportConfig, export_model
+
+    out = refiner_source.parent / "onnx"
+    export_model(ExportConfig(source=str(refiner_source), out=out, quiet=True))
+    return Pipeline.load(out, provider="cpu", progress=False)
+
+
+def test_refiner_facts(refiner):
+    m = refiner.manifest
+    assert set(refiner.tokenizers) == {"text_encoder_2"} and "text_encoder" not in m.graphs
+    assert m.time_ids == ("original_size", "crops_coords_top_left", "aesthetic_score")
+
+
+@pytest.mark.parametrize("switch", [0.8, 0.5])
+def test_base_then_refiner_matches_diffusers_ensemble(reference, pipe, refiner, refiner_source, switch):
+    latents = latents_for(pipe)
+    base_latents = diffusers.StableDiffusionXLPipeline.from_pipe(reference)(
+        PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE, denoising_end=switch,
+        latents=torch.from_numpy(latents), output_type="latent",
+    ).images
+    oracle = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_source)
+    oracle.set_progress_bar_config(disable=True)
+    expected = oracle(PROMPT, negative_prompt=NEGATIVE, image=base_latents, num_inference_steps=STEPS,
+                      guidance_scale=GUIDANCE, denoising_start=switch, output_type="np").images[0]
+    config = GenerationConfig(PROMPT, NEGATIVE, steps=STEPS, guidance=GUIDANCE, seed=SEED, refiner_switch=switch)
+    (ours,) = pipe.generate(config, latents=latents, refiner=refiner)
+    assert delta(ours, expected) <= TOLERANCE
+    (alone,) = pipe(PROMPT, NEGATIVE, steps=STEPS, guidance=GUIDANCE, seed=SEED, latents=latents)
+    assert delta(alone, expected) > 2 * TOLERANCE  # the refiner did run (measured 6.6/255 at 0.8)
+
+
+def test_refiner_switch_without_a_refiner_is_refused(pipe):
+    with pytest.raises(InputError) as error:
+        pipe(PROMPT, steps=2, refiner_switch=0.8)
+    assert error.value.field == "refiner_switch"
+
+
+def test_a_switch_leaving_no_step_is_refused(pipe, refiner):
+    with pytest.raises(InputError) as error:
+        pipe.generate(GenerationConfig(PROMPT, steps=4, refiner_switch=0.01), refiner=refiner)
+    assert error.value.field == "refiner_switch"
+
+
+def test_cli_refiner_writes_a1111s_fields(folder, refiner, tmp_path):
+    from PIL import Image
+
+    from sdonnx.cli import main
+
+    out = tmp_path / "refined.png"
+    assert main(["generate", PROMPT, "-m", str(folder), "--refiner", str(refiner.model.root), "--steps", "4",
+                 "--seed", "1", "-o", str(out), "-q"]) == 0
+    with Image.open(out) as image:
+        text = image.text["parameters"]
+    assert "Refiner: onnx [" in text and "Refiner switch at: 0.8" in text
