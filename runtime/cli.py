@@ -139,7 +139,10 @@ def _generate(args: argparse.Namespace) -> int:
     config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
-        refiner_root, refiner_facts = read_facts(args.refiner)
+        try:
+            refiner_root, refiner_facts = read_facts(args.refiner)
+        except InputError as e:
+            raise InputError("refiner", e.received, e.expected) from None
         check_request(refiner_facts, refiner_root, options.memory, config, None, None)
     elif config.refiner_switch is not None:
         raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")

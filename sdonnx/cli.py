@@ -70,7 +70,8 @@ def _as_typed(error: InputError) -> str:
     field = error.field
     if field.startswith("parameters:"):  # a value read from a --from-png file: say where it came from
         return f"--from-png {field}: got {error.received!r}, expected {error.expected}"
-    flag = FLAG_FOR_FIELD.get(field, "--" + field.replace("_", "-") if field.isidentifier() else field)
+    typed_as_is = not field.isidentifier() or field.isupper()  # "MODEL", "OUT": positional arguments
+    flag = FLAG_FOR_FIELD.get(field, field if typed_as_is else "--" + field.replace("_", "-"))
     return f"{flag}: got {error.received!r}, expected {error.expected}"
 
 

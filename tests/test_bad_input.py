@@ -8,6 +8,7 @@ CLI rows run `sdonnx.cli.main` in-process against the embedded model; API rows c
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,7 @@ def files(tmp_path):
 
 
 P = "{tmp}"  # replaced by the test's folder
+SDXL_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "optimum-tiny-sdxl"
 GENERATE = [
     # (id, extra args, the flag the error must name)
     ("steps-0", ["--steps", "0"], "--steps"),
@@ -119,6 +121,12 @@ OTHER_COMMANDS = [  # (id, argv, what the error line must say)
     ("quantize-block-size", ["quantize", f"{P}/diffusers", f"{P}/out", "--recipe", "int4", "--block-size", "7"],
      "error: --block-size"),
     ("info-missing", ["info", f"{P}/missing"], "error: --model"),
+    ("quantize-sdxl-not-yet", ["quantize", str(SDXL_FIXTURE), f"{P}/out"], "error: MODEL: "),
+    ("original-size-on-sd1", ["generate", "x", "--original-size", "64x64", "-o", f"{P}/o.png"], "error: --original-size"),
+    ("crop-malformed", ["generate", "x", "-m", str(SDXL_FIXTURE), "--crop-top-left", "8", "-o", f"{P}/o.png"],
+     "error: --crop-top-left"),
+    ("refiner-switch-alone", ["generate", "x", "--refiner-switch", "0.8", "-o", f"{P}/o.png"], "error: --refiner-switch"),
+    ("refiner-missing", ["generate", "x", "--refiner", f"{P}/missing", "-o", f"{P}/o.png"], "error: --refiner"),
 ]
 
 
