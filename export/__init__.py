@@ -1,8 +1,9 @@
 """`sdonnx export`: a diffusers folder, hub id or single-file checkpoint to a checked ONNX folder.
 
 The folder has optimum's layout (text_encoder/, unet/, vae_encoder/, vae_decoder/ with model.onnx and
-config.json; tokenizer/, scheduler/, model_index.json) plus manifest.json. Every graph is compared
-with its PyTorch module before anything appears at OUT.
+config.json; tokenizer/, scheduler/, model_index.json; SDXL adds text_encoder_2/ and tokenizer_2/, and
+its refiner has no text_encoder/ or tokenizer/) plus manifest.json. Every graph is compared with its
+PyTorch module before anything appears at OUT.
 
 Importing this module does not import torch: `sdonnx --help` stays fast, and a missing torch is
 reported with the install command when an export actually starts.
@@ -127,15 +128,45 @@ def _export_quantized(config: ExportConfig) -> Manifest:
     """
     from sdonnx.quantize import QuantizeConfig, quantize_model
 
+    if _local_sdxl_source(config):
+        _refuse_quantized_sdxl(config.dtype)
     with staged_folder(config.out, overwrite=config.overwrite) as stage:
         with scratch_folder(config.out) as tmp:
             fp32 = tmp / "fp32"
-            export_model(replace(config, out=fp32, dtype="fp32", overwrite=False))
+            if export_model(replace(config, out=fp32, dtype="fp32", overwrite=False)).pooled_text_encoder:
+                _refuse_quantized_sdxl(config.dtype)  # a hub id: known to be SDXL only once loaded
             # quantize_model stages beside `stage` as well and replaces the (empty) stage with its result.
             recipe = QuantizeConfig(
                 model=str(fp32), out=stage, recipe=config.dtype, overwrite=True, quiet=config.quiet
             )
             return quantize_model(recipe)
+
+
+def _refuse_quantized_sdxl(dtype: str) -> None:
+    raise InputError(
+        "dtype", dtype, "fp32 for an SDXL model (sdonnx quantize does not handle text_encoder_2 and the U-Net's "
+        "text_embeds/time_ids yet): export fp32"
+    )
+
+
+def _local_sdxl_source(config: ExportConfig) -> bool:
+    """Whether SOURCE is a local SDXL folder or single file, read from its configs or tensor names only."""
+    from sdonnx.export.source import pipeline_parts, read_model_index
+
+    path = Path(config.source).expanduser()
+    if path.is_dir():
+        return "text_encoder_2" in pipeline_parts(path, read_model_index(path))
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        from sdonnx.export.single_file import detect_family
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return detect_family(list(handle.keys()), path).startswith("sdxl")
+        except Exception:  # not readable or not SD: the export reports it with its own error
+            return False
+    return False
 
 
 def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, say: _Progress) -> dict[str, dict]:
@@ -149,7 +180,8 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
 
     trace, probe = graphs.probes(source, config.static_shape)
     checks = {}
-    for i, name in enumerate(graphs.ORDER):
+    names = graphs.graph_names(source)
+    for i, name in enumerate(names):
         started = time.perf_counter()
         say.part(f"{name}: exporting…")
         graph = graphs.build_graph(name, source, trace, probe, static=config.static_shape is not None,
@@ -158,7 +190,7 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
         path = folder / name / "model.onnx"
         graphs.export_graph(graph, path, opset=config.opset)
         del graph
-        graphs.release(source, name, graphs.ORDER[i + 1:])
+        graphs.release(source, name, names[i + 1:])
         gc.collect()
         say.part(" checking…")
         parity = check_graph(name, path, feeds, reference, min_psnr=config.min_psnr)
@@ -190,13 +222,12 @@ def _model_facts(source: SourceModel) -> dict:
     """The manifest fields that come from the PyTorch modules, read before the modules are released."""
     from sdonnx.export.graphs import text_max_length, vae_downsample
     from sdonnx.export.source import scheduler_facts
-    from sdonnx.runtime.manifest import family_for
 
     unet, vae = source.unet.config, source.vae.config
     schedule, prediction_type = scheduler_facts(source.scheduler_config)
     cross_attention_dim = int(unet.cross_attention_dim)
     return dict(
-        family=family_for(cross_attention_dim),
+        family=_family(source, cross_attention_dim),
         prediction_type=prediction_type,
         latent_channels=int(vae.latent_channels),
         vae_scaling_factor=float(vae.scaling_factor),
@@ -208,6 +239,37 @@ def _model_facts(source: SourceModel) -> dict:
         tokenizer_max_length=text_max_length(source),
         schedule=schedule,
         source=source.description,
+        **_text_time_facts(source),
+    )
+
+
+def _family(source: SourceModel, cross_attention_dim: int) -> str:
+    """The informational label: sd1, sd2, sdxl, sdxl-refiner or custom (the runtime reads facts only)."""
+    from sdonnx.runtime.manifest import family_for
+
+    if source.sdxl:
+        return "sdxl-refiner" if source.requires_aesthetics_score else "sdxl"
+    return family_for(cross_attention_dim)
+
+
+def _text_time_facts(source: SourceModel) -> dict:
+    """SDXL's manifest fields, all from the source: none for SD 1.x/2.x (the manifest's defaults).
+
+    pooled_text_encoder: the graph whose text_embeds output feeds the U-Net's text_embeds input;
+    text_hidden_states: "penultimate", SDXL's raw hidden_states.{N-1} of each encoder (diffusers'
+    hidden_states[-2]), which the graphs output by name;
+    time_ids: derived from the U-Net's add_embedding sizes (source.text_time_conditioning);
+    force_zeros_for_empty_prompt: model_index.json's (diffusers' SDXL default, true, when absent);
+    vae_force_upcast: the VAE config's force_upcast, which diffusers honours in SDXL pipelines only.
+    """
+    if not source.sdxl:
+        return {}
+    return dict(
+        pooled_text_encoder="text_encoder_2",
+        text_hidden_states="penultimate",
+        time_ids=source.text_time.time_ids,
+        force_zeros_for_empty_prompt=bool(source.pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        vae_force_upcast=bool(getattr(source.vae.config, "force_upcast", False)),
     )
 
 
@@ -217,7 +279,7 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: Export
     from sdonnx.runtime.manifest import COMPONENTS, MANIFEST_NAME, GraphSpec, Manifest, sha256_file
 
     graphs = {}
-    for name in COMPONENTS:
+    for name in (c for c in COMPONENTS if (folder / c / "model.onnx").is_file()):
         inputs, outputs = io_specs(folder / name / "model.onnx")
         graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name])
     files = {

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dtype", default=_DEFAULTS["dtype"], choices=DTYPES,
         help="fp16 | int8: quantize the checked fp32 export with the `sdonnx quantize` recipe of that name "
-        "(default %(default)s)",
+        "(SD 1.x/2.x; SDXL exports fp32 only for now) (default %(default)s)",
     )
     parser.add_argument(
         "--attention", default=_DEFAULTS["attention"], choices=ATTENTION,

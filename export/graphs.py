@@ -1,4 +1,7 @@
-"""The four ONNX graphs of a Stable Diffusion folder, with optimum's input/output names and axes.
+"""The ONNX graphs of a Stable Diffusion folder, with optimum's input/output names and axes.
+
+SD 1.x/2.x: text_encoder, unet, vae_encoder, vae_decoder. SDXL adds text_encoder_2 and the U-Net's
+text_embeds and time_ids inputs; the SDXL refiner has text_encoder_2 but no text_encoder.
 
 Each graph wraps its PyTorch module so that it returns plain tuples, and comes with seeded example
 inputs: the trace inputs the exporter runs once, and check inputs of another batch, image size and
@@ -7,20 +10,25 @@ sequence length that prove the dynamic axes (check.py compares ONNX Runtime agai
 
 from __future__ import annotations
 
+import types
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
 import torch
 
+from sdonnx.errors import ExportError
 from sdonnx.export.attention import set_attention
 from sdonnx.export.source import SourceModel
 from sdonnx.runtime.manifest import TensorSpec
 from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT
 
-ORDER = ("text_encoder", "vae_encoder", "vae_decoder", "unet")  # the U-Net last: alone in memory
+# The U-Net last, so that it is alone in memory; text_encoder_2 (SDXL's 2.8 GB OpenCLIP bigG) just before it.
+ORDER = ("text_encoder", "vae_encoder", "vae_decoder", "text_encoder_2", "unet")
 EXTERNAL_DATA_NAME = "model.onnx_data"
 SEQUENCE = "sequence_length"  # the one axis a static shape leaves dynamic: long prompts are 77-token chunks
 _EXTERNAL_DATA_ALIGNMENT = 1 << 16  # Windows' allocation granularity (a page multiple): ORT can mmap aligned tensors
@@ -30,7 +38,10 @@ _COPY_CHUNK = 1 << 24
 # deeper layers only degrade SD images. A1111's slider goes to 12: those need a re-export with a larger value.
 MAX_CLIP_SKIP = 4
 # The SourceModel field each graph needs: a module is released after the last graph that uses it.
-_OWNER = {"text_encoder": "text_encoder", "unet": "unet", "vae_encoder": "vae", "vae_decoder": "vae"}
+_OWNER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_encoder": "vae",
+          "vae_decoder": "vae"}
+# SDXL's encoder outputs, as optimum names them: .0 the embeddings, .N the last layer (no final layer norm).
+HIDDEN_STATES_OUTPUT = "hidden_states.{}"
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,13 @@ class _Wrapper(torch.nn.Module):
         raise NotImplementedError
 
 
+def _token_ids(config, probe: Probe, generator: torch.Generator) -> tuple[torch.Tensor]:
+    """Random token ids [B, T] framed by the encoder's start and end tokens."""
+    ids = torch.randint(0, config.vocab_size, (probe.batch, probe.text_length), generator=generator)
+    ids[:, 0], ids[:, -1] = config.bos_token_id, config.eos_token_id
+    return (ids,)
+
+
 class _TextEncoder(_Wrapper):
     """optimum's two outputs, then `clip_skip_n` = final_layer_norm(hidden_states[-n]) for n = 2..MAX_CLIP_SKIP.
 
@@ -111,10 +129,7 @@ class _TextEncoder(_Wrapper):
                 **{CLIP_SKIP_OUTPUT.format(n): sequence for n in self.clip_skips}}
 
     def example(self, probe, generator):
-        config = self.text_encoder.config
-        ids = torch.randint(0, config.vocab_size, (probe.batch, probe.text_length), generator=generator)
-        ids[:, 0], ids[:, -1] = config.bos_token_id, config.eos_token_id
-        return (ids,)
+        return _token_ids(self.text_encoder.config, probe, generator)
 
     def forward(self, input_ids):
         outputs = self.text_encoder(input_ids=input_ids, output_hidden_states=bool(self.clip_skips), return_dict=True)
@@ -122,27 +137,80 @@ class _TextEncoder(_Wrapper):
         return outputs.last_hidden_state, outputs.pooler_output, *skipped
 
 
+class _SdxlTextEncoder(_Wrapper):
+    """One of SDXL's text encoders with optimum's outputs: its own first, then hidden_states.0..N raw.
+
+    text_encoder (CLIPTextModel): last_hidden_state, pooler_output, hidden_states.0..N;
+    text_encoder_2 (CLIPTextModelWithProjection): text_embeds, last_hidden_state, hidden_states.0..N.
+    N is the encoder's num_hidden_layers (hidden_states.0 is the embeddings). SDXL conditions on
+    hidden_states.{N - clip_skip} without the final layer norm, which the runtime picks by name, so
+    no clip_skip_n outputs are added.
+    """
+
+    input_names = ("input_ids",)
+
+    def __init__(self, source: SourceModel, attribute: str):
+        super().__init__()
+        self.text_encoder = getattr(source, attribute)
+        self.leading = (("text_embeds", "last_hidden_state") if attribute == "text_encoder_2"
+                        else ("last_hidden_state", "pooler_output"))
+        self.layers = int(self.text_encoder.config.num_hidden_layers)
+
+    @property
+    def output_names(self):
+        return (*self.leading, *(HIDDEN_STATES_OUTPUT.format(i) for i in range(self.layers + 1)))
+
+    @property
+    def dynamic_axes(self):
+        sequence = {0: "batch_size", 1: SEQUENCE}
+        pooled = {0: "batch_size"}
+        return {"input_ids": sequence,
+                **{name: pooled if name in ("text_embeds", "pooler_output") else sequence
+                   for name in self.output_names}}
+
+    def example(self, probe, generator):
+        return _token_ids(self.text_encoder.config, probe, generator)
+
+    def forward(self, input_ids):
+        outputs = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        if len(outputs.hidden_states) != self.layers + 1:
+            raise ExportError(f"text encoder returned {len(outputs.hidden_states)} hidden states, expected "
+                              f"num_hidden_layers + 1 = {self.layers + 1}")
+        return (*(getattr(outputs, name) for name in self.leading), *outputs.hidden_states)
+
+
 class _UNet(_Wrapper):
-    input_names = ("sample", "timestep", "encoder_hidden_states")
+    """SD's U-Net; with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6]."""
+
     output_names = ("out_sample",)
-    dynamic_axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
-                    "encoder_hidden_states": {0: "batch_size", 1: SEQUENCE},
-                    "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
 
     def __init__(self, source: SourceModel):
         super().__init__()
         self.unet = source.unet
         self.num_train_timesteps = int(source.scheduler_config.get("num_train_timesteps", 1000))
+        self.text_time = source.text_time
+        extra = ("text_embeds", "time_ids") if self.text_time is not None else ()
+        self.input_names = ("sample", "timestep", "encoder_hidden_states", *extra)
+        self.dynamic_axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
+                             "encoder_hidden_states": {0: "batch_size", 1: SEQUENCE},
+                             **{name: {0: "batch_size"} for name in extra},
+                             "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
 
     def example(self, probe, generator):
         config, batch = self.unet.config, 2 * probe.batch
         sample = torch.randn((batch, config.in_channels, *probe.latent_size), generator=generator)
         timestep = torch.rand((), generator=generator) * self.num_train_timesteps
         context = torch.randn((batch, probe.context_length, config.cross_attention_dim), generator=generator)
-        return sample, timestep, context
+        if self.text_time is None:
+            return sample, timestep, context
+        text_embeds = torch.randn((batch, self.text_time.text_embeds_dim), generator=generator)
+        # Sizes and crop offsets in pixels (or an aesthetic score): the sinusoidal embedding sees 0..1024.
+        time_ids = torch.rand((batch, self.text_time.time_id_count), generator=generator) * 1024
+        return sample, timestep, context, text_embeds, time_ids
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return (self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
 
 
 class _Vae(_Wrapper):
@@ -187,7 +255,19 @@ class _VaeDecoder(_Vae):
         return (self.vae.decode(latent_sample, return_dict=False)[0],)
 
 
-_WRAPPERS = {"text_encoder": _TextEncoder, "unet": _UNet, "vae_encoder": _VaeEncoder, "vae_decoder": _VaeDecoder}
+_WRAPPERS = {"text_encoder": _TextEncoder, "text_encoder_2": _SdxlTextEncoder, "unet": _UNet,
+             "vae_encoder": _VaeEncoder, "vae_decoder": _VaeDecoder}
+
+
+def graph_names(source: SourceModel) -> tuple[str, ...]:
+    """The graphs this source exports, in export order: ORDER without the text encoders it lacks."""
+    return tuple(name for name in ORDER if getattr(source, _OWNER[name]) is not None)
+
+
+def _wrapper(name: str, source: SourceModel) -> _Wrapper:
+    if name in ("text_encoder", "text_encoder_2") and source.sdxl:
+        return _SdxlTextEncoder(source, name)
+    return _WRAPPERS[name](source)
 
 
 def vae_downsample(vae: torch.nn.Module) -> int:
@@ -212,8 +292,11 @@ def probes(source: SourceModel, static_shape: tuple[int, int, int] | None) -> tu
 
 
 def text_max_length(source: SourceModel) -> int:
+    """Tokens per prompt chunk: the smallest limit of every tokenizer and text encoder present."""
     # Tokenizers without a configured limit report a huge sentinel; the position table is the real bound.
-    return min(int(source.tokenizer.model_max_length), int(source.text_encoder.config.max_position_embeddings))
+    pairs = [(source.tokenizer, source.text_encoder), (source.tokenizer_2, source.text_encoder_2)]
+    return min(min(int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings))
+               for tokenizer, encoder in pairs if tokenizer is not None and encoder is not None)
 
 
 def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, static: bool, seed: int = 0,
@@ -221,8 +304,11 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     """The named graph's wrapper and seeded example inputs. Shapes (B = image batch, L = latent side):
 
     text_encoder  input_ids int64 [B, T] -> last_hidden_state [B, T, D], pooler_output [B, D]
-                  (+ clip_skip_n [B, T, D], n = 2..4)
+                  (+ clip_skip_n [B, T, D], n = 2..4; SDXL: hidden_states.0..N [B, T, D] instead)
+    text_encoder_2  (SDXL) input_ids int64 [B, T] -> text_embeds [B, P], last_hidden_state [B, T, D2],
+                  hidden_states.0..N2 [B, T, D2]
     unet          sample [2B, C, Lh, Lw], timestep float32 [], encoder_hidden_states [2B, S, D]
+                  (SDXL: + text_embeds [2B, P], time_ids [2B, 6 | 5]; D = D1 + D2)
                   -> out_sample [2B, 4, Lh, Lw]   (2B: classifier-free guidance batches uncond||cond)
     vae_encoder   sample [B, 3, H, W] -> latent_parameters [B, 2*latent_channels, Lh, Lw]
     vae_decoder   latent_sample [B, latent_channels, Lh, Lw] -> sample [B, 3, H, W]
@@ -231,7 +317,7 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     """
     if name not in _WRAPPERS:
         raise ValueError(f"graph: got {name!r}, expected one of {ORDER}")
-    module = _WRAPPERS[name](source).eval()
+    module = _wrapper(name, source).eval()
     if name == "unet":
         set_attention(module.unet, attention)
     axes = module.dynamic_axes
@@ -246,7 +332,7 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
 def export_graph(graph: Graph, path: Path, *, opset: int) -> None:
     """Write graph to path (model.onnx, plus model.onnx_data when the weights pass protobuf's 2 GB)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), linear_weights_transposed(graph.module):
         # The tracer warns about every shape-dependent Python branch (chosen by the trace probe on
         # purpose), constant folding and its own deprecation; the parity check at other shapes is
         # what tells a good graph from a bad one, so these would only bury the progress lines.
@@ -266,6 +352,42 @@ def export_graph(graph: Graph, path: Path, *, opset: int) -> None:
             do_constant_folding=True,
         )
     consolidate_external_data(path)
+
+
+@contextmanager
+def linear_weights_transposed(module: torch.nn.Module) -> Iterator[None]:
+    """While tracing, hold each nn.Linear's weight transposed, [in, out], and compute x @ W^T + b with it.
+
+    The TorchScript exporter writes linear as MatMul(x, Transpose(W)), and for CLIP's text encoders its
+    graph passes materialize those transposes as new tensors, held until the file is written: SDXL's
+    text_encoder_2 (2.6 GiB of weights) peaked at 5.15 GiB RSS, and at 3.56 GiB with the weights stored
+    transposed, since each then enters the graph as it is, in the same MatMul (Gemm for 2-D inputs)
+    nodes. The U-Net is not affected either way (an SDXL U-Net of 1.32 B parameters: 6.2 GiB with or
+    without). Weights are transposed one at a time (the peak grows by one weight) and back afterwards.
+    Subclasses of nn.Linear (LoRA layers) keep their own forward.
+    """
+    linears, seen = [], set()
+    for layer in module.modules():
+        if type(layer) is torch.nn.Linear and id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            linears.append(layer)
+    try:
+        for layer in linears:
+            layer.weight.data = layer.weight.data.t().contiguous()
+            layer.forward = types.MethodType(_transposed_linear, layer)
+        yield
+    finally:
+        for layer in linears:
+            if "forward" in vars(layer):
+                del layer.forward
+                layer.weight.data = layer.weight.data.t().contiguous()
+
+
+def _transposed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and self.bias is not None:
+        return torch.addmm(self.bias, x, self.weight)
+    y = torch.matmul(x, self.weight)
+    return y if self.bias is None else y + self.bias
 
 
 def consolidate_external_data(model_path: Path) -> None:

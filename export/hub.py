@@ -1,8 +1,10 @@
 """Fetch a diffusers pipeline from the Hugging Face Hub: only the files `sdonnx export` reads.
 
-That is model_index.json, the unet / vae / text_encoder configs and safetensors weights, the scheduler
-config and the tokenizer. Never pickled .bin weights (loading them runs code), nor the safety checker.
-Full-precision weights are preferred; a component published only as an fp16 variant is fetched as that.
+That is model_index.json, the unet / vae / text_encoder (SDXL: and text_encoder_2) configs and safetensors
+weights, the scheduler config and the tokenizer(s). Never pickled .bin weights (loading them runs code), nor
+the safety checker. Full-precision weights are preferred; a component published only as an fp16 variant is
+fetched as that. A text encoder the repository does not have (SD 1.x/2.x: text_encoder_2; the SDXL refiner:
+text_encoder) is simply not there: its config was not fetched.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from pathlib import Path
 
 from sdonnx.errors import ExportError
 
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+REQUIRED_COMPONENTS = ("unet", "vae")  # every model has these; the text encoders depend on the family
 CONFIG_PATTERNS = (
     "model_index.json",
     *(f"{component}/config.json" for component in WEIGHTED_COMPONENTS),
     "scheduler/scheduler_config.json",
     "tokenizer/*",
+    "tokenizer_2/*",
 )
 FALLBACK_VARIANT = "fp16"
 
@@ -48,7 +52,9 @@ def weight_patterns(variant: str | None, components: Sequence[str]) -> list[str]
 
 
 def _components_without_weights(folder: Path) -> list[str]:
-    return [component for component in WEIGHTED_COMPONENTS if not any((folder / component).glob("*.safetensors"))]
+    """The repository's weighted components (the required ones, and those whose config came) lacking safetensors."""
+    present = [c for c in WEIGHTED_COMPONENTS if c in REQUIRED_COMPONENTS or (folder / c / "config.json").is_file()]
+    return [component for component in present if not any((folder / component).glob("*.safetensors"))]
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +13,126 @@ from sdonnx.runtime.manifest import PREDICTION_TYPES, TIMESTEP_SPACINGS, Trainin
 
 # What a diffusers Stable Diffusion folder must hold for the four graphs, tokenizer and schedule.
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# SDXL (a U-Net with "text_time" conditioning) adds the pooled, projected second encoder and its tokenizer;
+# the refiner (StableDiffusionXLImg2ImgPipeline) has only those, its model_index says text_encoder: [null, null].
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+TEXT_TIME = "text_time"
+# What SDXL's time_ids hold, by count: (height, width) pairs, or the refiner's aesthetic score instead of the
+# target size (diffusers' StableDiffusionXL*Pipeline._get_add_time_ids).
+TIME_IDS = {
+    6: ("original_size", "crops_coords_top_left", "target_size"),
+    5: ("original_size", "crops_coords_top_left", "aesthetic_score"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TextTime:
+    """SDXL's extra U-Net conditioning, read from the U-Net and text_encoder_2 configs.
+
+    text_embeds_dim: text_encoder_2's projection (the U-Net's text_embeds input); time_ids: what the
+    time_ids input holds (5 or 6 values, TIME_IDS).
+    """
+
+    text_embeds_dim: int
+    time_ids: tuple[str, ...]
+    time_id_count: int
 
 
 @dataclass
 class SourceModel:
-    """The PyTorch side of a Stable Diffusion checkpoint, as the exporter needs it (fp32, eval mode)."""
+    """The PyTorch side of a Stable Diffusion checkpoint, as the exporter needs it (fp32, eval mode).
+
+    SD 1.x/2.x: text_encoder and tokenizer. SDXL: also text_encoder_2 (CLIPTextModelWithProjection) and
+    tokenizer_2; the refiner has only those (text_encoder and tokenizer None). pipeline_config holds
+    model_index.json's pipeline settings (force_zeros_for_empty_prompt, requires_aesthetics_score, ...).
+    """
 
     unet: Any  # diffusers.UNet2DConditionModel
     vae: Any  # diffusers.AutoencoderKL
-    text_encoder: Any  # transformers.CLIPTextModel
-    tokenizer: Any  # transformers.CLIPTokenizer
+    text_encoder: Any  # transformers.CLIPTextModel, or None (SDXL refiner)
+    tokenizer: Any  # transformers.CLIPTokenizer, or None (SDXL refiner)
     scheduler_config: dict
     description: str  # what SOURCE was, recorded in the manifest
+    text_encoder_2: Any = None  # transformers.CLIPTextModelWithProjection (SDXL)
+    tokenizer_2: Any = None  # transformers.CLIPTokenizer (SDXL; pads with "!")
+    pipeline_config: dict = field(default_factory=dict)
+    # Read once from the configs here, so that they outlive the modules (released as their graphs are done).
+    text_time: TextTime | None = field(init=False, default=None)
+    text_widths: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.text_widths = {
+            name: int(module.config.hidden_size)
+            for name in ("text_encoder", "text_encoder_2")
+            if (module := getattr(self, name)) is not None
+        }
+        self.text_time = text_time_conditioning(self)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text_time is not None
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        return self.text_time is not None and "aesthetic_score" in self.text_time.time_ids
+
+
+def text_time_conditioning(source: SourceModel) -> TextTime | None:
+    """SDXL's text_embeds width and time_ids from the configs; None for an SD 1.x/2.x U-Net.
+
+    The U-Net's add_embedding takes text_embeds || sinusoidal(time_ids), so
+    projection_class_embeddings_input_dim = text_encoder_2's projection_dim + count * addition_time_embed_dim.
+    Raises ExportError when the parts do not fit one another (nothing is exported then).
+    """
+    unet = source.unet.config
+    kind = getattr(unet, "addition_embed_type", None)
+    if kind is None:
+        if source.text_encoder_2 is not None:
+            raise ExportError(
+                f"text_encoder_2: the source has one, but its U-Net has no SDXL conditioning "
+                f"(unet.addition_embed_type is null, expected {TEXT_TIME!r})"
+            )
+        if source.text_encoder is None:
+            raise ExportError("text_encoder: missing, and the U-Net has no SDXL (text_time) conditioning")
+        return None
+    if kind != TEXT_TIME:
+        raise ExportError(
+            f"unet.addition_embed_type: got {kind!r}, expected null (SD 1.x/2.x) or {TEXT_TIME!r} (SDXL)"
+        )
+    if source.text_encoder_2 is None or source.tokenizer_2 is None:
+        raise ExportError(
+            "text_encoder_2: an SDXL (text_time) U-Net needs text_encoder_2 (CLIPTextModelWithProjection) "
+            "and tokenizer_2 for its pooled text_embeds"
+        )
+    if not hasattr(source.text_encoder_2, "text_projection"):
+        raise ExportError(
+            f"text_encoder_2: got {type(source.text_encoder_2).__name__}, expected CLIPTextModelWithProjection "
+            "(SDXL's U-Net takes its projected pooled output as text_embeds)"
+        )
+    text_embeds_dim = int(source.text_encoder_2.config.projection_dim)
+    time_dim = int(unet.addition_time_embed_dim)
+    total = int(unet.projection_class_embeddings_input_dim)
+    count, rest = divmod(total - text_embeds_dim, time_dim)
+    if rest or count not in TIME_IDS:
+        raise ExportError(
+            f"unet.projection_class_embeddings_input_dim: got {total}, expected text_encoder_2's projection_dim "
+            f"{text_embeds_dim} + 5 or 6 time ids x addition_time_embed_dim {time_dim} "
+            f"({', '.join(str(text_embeds_dim + n * time_dim) for n in sorted(TIME_IDS))})"
+        )
+    aesthetic = source.pipeline_config.get("requires_aesthetics_score")
+    if aesthetic is not None and bool(aesthetic) != (count == 5):
+        raise ExportError(
+            f"model_index.json: requires_aesthetics_score is {str(aesthetic).lower()}, but the U-Net takes "
+            f"{count} time ids ({'with' if count == 5 else 'without'} an aesthetic score)"
+        )
+    widths = [source.text_widths[name] for name in ("text_encoder", "text_encoder_2") if name in source.text_widths]
+    if sum(widths) != int(unet.cross_attention_dim):
+        raise ExportError(
+            f"unet.cross_attention_dim: got {unet.cross_attention_dim}, expected the text encoders' widths "
+            f"{' + '.join(map(str, widths))} = {sum(widths)} (SDXL concatenates their hidden states)"
+        )
+    return TextTime(text_embeds_dim, TIME_IDS[count], count)
 
 
 def load_source(source: str, *, allow_pickle: bool = False, config: Path | None = None) -> SourceModel:
@@ -56,17 +163,25 @@ def load_source(source: str, *, allow_pickle: bool = False, config: Path | None 
 
 
 def load_folder(folder: Path, *, allow_pickle: bool, description: str) -> SourceModel:
-    """Load each component of a diffusers folder on its own with from_pretrained, as fp32 in eval mode."""
+    """Load each component of a diffusers folder on its own with from_pretrained, as fp32 in eval mode.
+
+    SDXL folders (model_index.json lists text_encoder_2, or the U-Net has text_time conditioning) need
+    text_encoder_2/ and tokenizer_2/ too; text_encoder/ and tokenizer/ unless model_index.json says
+    [null, null] for them (the refiner).
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
-    missing = [name for name in ("model_index.json", *PIPELINE_PARTS) if not (folder / name).exists()]
+    pipeline_config = read_model_index(folder)
+    parts = pipeline_parts(folder, pipeline_config)
+    missing = [name for name in ("model_index.json", *parts) if not (folder / name).exists()]
     if missing:
+        kind = "an SDXL" if "text_encoder_2" in parts else "a"
         raise InputError(
-            "source", str(folder), f"a diffusers Stable Diffusion folder; missing {', '.join(missing)} "
-            f"(needs model_index.json and {'/, '.join(PIPELINE_PARTS)}/)"
+            "source", str(folder), f"{kind} diffusers Stable Diffusion folder; missing {', '.join(missing)} "
+            f"(needs model_index.json and {'/, '.join(parts)}/)"
         )
 
     def load(cls: Any, part: str) -> Any:
@@ -80,19 +195,69 @@ def load_folder(folder: Path, *, allow_pickle: bool, description: str) -> Source
             module = module.to(torch.float32)
         return module.eval().requires_grad_(False)
 
+    def tokenizer(part: str) -> Any:
+        if part not in parts:
+            return None
+        try:
+            return CLIPTokenizer.from_pretrained(folder / part)
+        except Exception as e:
+            raise ExportError(f"{part}: cannot load {folder / part}: {type(e).__name__}: {e}") from e
+
     unet = load(UNet2DConditionModel, "unet")
     vae = load(AutoencoderKL, "vae")
-    text_encoder = load(CLIPTextModel, "text_encoder")
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    except Exception as e:
-        raise ExportError(f"tokenizer: cannot load {folder / 'tokenizer'}: {type(e).__name__}: {e}") from e
+    text_encoder = load(CLIPTextModel, "text_encoder") if "text_encoder" in parts else None
+    text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2") if "text_encoder_2" in parts else None
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     try:
         scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"scheduler: cannot read {scheduler_path}: {e}") from e
-    return SourceModel(unet, vae, text_encoder, tokenizer, scheduler_config, description)
+    return SourceModel(
+        unet, vae, text_encoder, tokenizer("tokenizer"), scheduler_config, description,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("tokenizer_2"), pipeline_config=pipeline_config,
+    )
+
+
+def pipeline_parts(folder: Path, model_index: dict) -> tuple[str, ...]:
+    """The component folders a diffusers folder must hold, by its model_index.json and U-Net config."""
+    sdxl = _listed(model_index, "text_encoder_2") or _unet_config(folder).get("addition_embed_type") == TEXT_TIME
+    if not sdxl:
+        return PIPELINE_PARTS
+    # A component the index marks [null, null] is absent on purpose (the refiner's text_encoder/tokenizer).
+    first = tuple(name for name in ("text_encoder", "tokenizer") if not _marked_absent(model_index, name))
+    return ("unet", "vae", *first, *SDXL_PARTS, "scheduler")
+
+
+def _listed(model_index: dict, name: str) -> bool:
+    entry = model_index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def _marked_absent(model_index: dict, name: str) -> bool:
+    entry = model_index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is None
+
+
+def read_model_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json ({} when there is none); ExportError naming it when unreadable."""
+    path = Path(folder) / "model_index.json"
+    if not path.is_file():
+        return {}  # reported with the other missing parts
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"model_index.json: cannot read {path}: {e}") from e
+    if not isinstance(index, dict):
+        raise ExportError(f"model_index.json: {path} holds a {type(index).__name__}, expected a JSON object")
+    return index
+
+
+def _unet_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # a missing U-Net is reported by name; an unreadable config by from_pretrained
+    return config if isinstance(config, dict) else {}
 
 
 def _weight_files(part: Path) -> list[Path]:
@@ -157,5 +322,7 @@ def scheduler_facts(scheduler_config: dict) -> tuple[TrainingSchedule, str]:
         timestep_spacing=spacing,
         steps_offset=int(resolved.get("steps_offset", 0)),
         beta_schedule=str(resolved.get("beta_schedule", "linear")),
+        # What DDIM/PNDM.from_config would use: the config's, else their default (True).
+        set_alpha_to_one=bool(scheduler_config.get("set_alpha_to_one", True)),
     )
     return schedule, prediction_type

@@ -284,7 +284,8 @@ def _derive_facts(root: Path) -> dict[str, Any]:
         text_hidden_states="penultimate" if pooled else "final",
         time_ids=time_ids if pooled else None,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
-        vae_force_upcast=bool(vae.get("force_upcast", False)),
+        # diffusers honours force_upcast in its SDXL pipelines only (its VAE class defaults it to true).
+        vae_force_upcast=bool(vae.get("force_upcast", False)) if pooled else False,
     )
 
 

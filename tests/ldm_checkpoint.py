@@ -9,6 +9,11 @@ depth (the tiny test pipelines included) convert. The original layout:
   (the reverse of diffusers), mid-block attention as 1x1 convolutions `q`/`k`/`v`/`proj_out`.
 - text encoder `cond_stage_model.transformer.text_model.*` (SD 1.x: Hugging Face CLIP, same names), or
   `cond_stage_model.model.*` (SD 2.x: OpenCLIP, `resblocks` with q/k/v fused into `in_proj`).
+
+`to_sgm_state_dict` writes an SDXL folder in Stability's generative-models (SGM) layout: the same U-Net
+(plus `label_emb.0.*`, the text_time embedding) and VAE keys, `conditioner.embedders.0.transformer.*`
+(CLIP ViT-L, Hugging Face names) and `conditioner.embedders.1.model.*` (OpenCLIP bigG, with its
+`text_projection` as [width, projection]); the refiner has only the OpenCLIP one, as `embedders.0`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,47 @@ def to_ldm_state_dict(diffusers_folder: Path, family: str = "sd1") -> dict:
         **_prefixed("first_stage_model.", _vae_to_ldm(vae, vae_config)),
         **text_to_ldm(text, text_config),
     }
+
+
+def to_sgm_state_dict(diffusers_folder: Path) -> dict:
+    """{SGM key: tensor} of an SDXL folder (base: both text encoders; refiner: text_encoder_2 only)."""
+    folder = Path(diffusers_folder)
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+    return sgm_state_dict({name: _read_component(folder / name) for name in parts if (folder / name).is_dir()})
+
+
+def sgm_state_dict(components: dict[str, tuple[dict, dict]]) -> dict:
+    """{SGM key: tensor} from {component: (diffusers state dict, config)}; works on meta tensors too."""
+    unet, unet_config = components["unet"]
+    vae, vae_config = components["vae"]
+    text_2, text_2_config = components["text_encoder_2"]
+    state = {
+        **_prefixed("model.diffusion_model.", _rename(unet, _unet_blocks(unet_config))),
+        **_prefixed("first_stage_model.", _vae_to_ldm(vae, vae_config)),
+    }
+    if "text_encoder" in components:
+        text, _ = components["text_encoder"]
+        state.update(_prefixed("conditioner.embedders.0.transformer.text_model.", text))
+        state.update(_prefixed("conditioner.embedders.1.model.", _open_clip_projected(text_2, text_2_config)))
+    else:
+        state.update(_prefixed("conditioner.embedders.0.model.", _open_clip_projected(text_2, text_2_config)))
+    return state
+
+
+def write_sgm_checkpoint(diffusers_folder: Path, path: Path) -> Path:
+    """Save `to_sgm_state_dict` as a .safetensors file at `path`."""
+    from safetensors.torch import save_file
+
+    save_file(to_sgm_state_dict(diffusers_folder), str(path))
+    return Path(path)
+
+
+def _open_clip_projected(state: dict, config: dict) -> dict:
+    """CLIPTextModelWithProjection's weights as OpenCLIP's (unprefixed): text_projection is x @ P, [width, proj]."""
+    inner = {key.removeprefix("text_model."): t for key, t in state.items() if key != "text_projection.weight"}
+    openclip = {key.removeprefix("cond_stage_model.model."): t for key, t in _open_clip_to_ldm(inner, config).items()}
+    openclip["text_projection"] = state["text_projection.weight"].T.contiguous()
+    return openclip
 
 
 def write_ldm_checkpoint(diffusers_folder: Path, path: Path, family: str = "sd1") -> Path:
@@ -93,6 +139,8 @@ def _unet_blocks(config: dict) -> list[tuple[str, str, dict]]:
         ("conv_in.", "input_blocks.0.0.", {}),
         ("time_embedding.linear_1.", "time_embed.0.", {}),
         ("time_embedding.linear_2.", "time_embed.2.", {}),
+        ("add_embedding.linear_1.", "label_emb.0.0.", {}),  # SDXL's text_time embedding
+        ("add_embedding.linear_2.", "label_emb.0.2.", {}),
         ("conv_norm_out.", "out.0.", {}),
         ("conv_out.", "out.2.", {}),
         ("mid_block.resnets.0.", "middle_block.0.", RESNET_LAYERS),

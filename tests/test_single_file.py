@@ -157,7 +157,7 @@ def test_non_sd_safetensors_says_which_keys_were_expected(tmp_path):
         assert expected in str(error.value)
 
 
-def test_sdxl_keys_are_named_as_unsupported(tmp_path):
+def test_sdxl_checkpoint_missing_its_second_text_encoder_is_refused(tmp_path):
     path = tmp_path / "sdxl.safetensors"
     keys = ["model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.encoder.conv_in.weight",
             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"]
