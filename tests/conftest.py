@@ -25,12 +25,7 @@ def tiny_sources(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_sources, tmp_path_factory) -> dict[str, Path]:
     """{"sd1": folder, "sd2": folder}: the tiny pipelines exported by `sdonnx export`."""
-    from sdonnx.export import ExportConfig, export_model
-
-    root = tmp_path_factory.mktemp("tiny-exports")
-    for kind, source in tiny_sources.items():
-        export_model(ExportConfig(source=str(source), out=root / kind, quiet=True))
-    return {kind: root / kind for kind in KINDS}
+    return _export_all(tiny_sources, tmp_path_factory.mktemp("tiny-exports"))
 
 
 def _shared_fixture(folder: Path) -> Path:
@@ -64,9 +59,13 @@ def tiny_sdxl_sources(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_sdxl_exports(tiny_sdxl_sources, tmp_path_factory) -> dict[str, Path]:
     """{"sdxl": folder, "sdxl_refiner": folder}: the tiny SDXL pipelines exported by `sdonnx export`."""
+    return _export_all(tiny_sdxl_sources, tmp_path_factory.mktemp("tiny-sdxl-exports"))
+
+
+def _export_all(sources: dict[str, Path], root: Path) -> dict[str, Path]:
+    """Each diffusers folder of `sources` exported by `sdonnx export` into root/KIND."""
     from sdonnx.export import ExportConfig, export_model
 
-    root = tmp_path_factory.mktemp("tiny-sdxl-exports")
-    for kind, source in tiny_sdxl_sources.items():
+    for kind, source in sources.items():
         export_model(ExportConfig(source=str(source), out=root / kind, quiet=True))
-    return {kind: root / kind for kind in SDXL_KINDS}
+    return {kind: root / kind for kind in sources}

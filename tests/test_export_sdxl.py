@@ -24,6 +24,7 @@ from sdonnx.export.writer import TOKENIZER_FILES
 from sdonnx.runtime.manifest import Manifest
 
 torch = pytest.importorskip("torch")
+from test_single_file import COMPONENT_FILES as SD_COMPONENT_FILES  # noqa: E402 (needs torch)
 
 BASE_GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 REFINER_GRAPHS = ("text_encoder_2", "unet", "vae_encoder", "vae_decoder")
@@ -437,12 +438,7 @@ def test_time_ids_follow_the_unet_and_must_agree_with_the_index(tiny_sdxl_source
 # --- single-file SDXL checkpoints (SGM layout) --------------------------------------------------
 
 
-COMPONENT_FILES = {
-    "unet": "unet/diffusion_pytorch_model.safetensors",
-    "vae": "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder": "text_encoder/model.safetensors",
-    "text_encoder_2": "text_encoder_2/model.safetensors",
-}
+COMPONENT_FILES = {**SD_COMPONENT_FILES, "text_encoder_2": "text_encoder_2/model.safetensors"}
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,28 @@ KINDS = ("sd1", "sd2")
 SDXL_KINDS = ("sdxl", "sdxl_refiner")
 
 
+
+def tiny_vae(**extra):
+    """The tiny AutoencoderKL of every tiny model (x8, 4 latent channels); extra: SDXL's scaling and upcast."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        **extra,
+    )
+
 def build_tiny_pipeline(kind: str, out: Path, seed: int = 0) -> Path:
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if kind not in KINDS:
@@ -50,17 +68,7 @@ def build_tiny_pipeline(kind: str, out: Path, seed: int = 0) -> Path:
         use_linear_projection=sd2,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
@@ -107,7 +115,7 @@ def build_tiny_pipeline(kind: str, out: Path, seed: int = 0) -> Path:
 def build_tiny_sdxl(kind: str, out: Path, seed: int = 0) -> Path:
     """Write an SDXL-layout diffusers folder ("sdxl": base, "sdxl_refiner": the img2img refiner)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in SDXL_KINDS:
@@ -134,19 +142,7 @@ def build_tiny_sdxl(kind: str, out: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=projection + time_ids * time_dim,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(scaling_factor=0.13025, force_upcast=True)
     clip = dict(vocab_size=49408, num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
                 eos_token_id=49407)
     text_encoder_2 = CLIPTextModelWithProjection(
