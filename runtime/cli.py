@@ -211,7 +211,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model: {model.root}")
     print(f"facts from: {'configs (no manifest.json; derived)' if model.derived else 'manifest.json'}")
     for name in ("family", "prediction_type", "latent_channels", "vae_scaling_factor", "vae_shift_factor",
-                 "vae_downsample", "unet_in_channels", "cross_attention_dim", "sample_size", "tokenizer_max_length"):
+                 "vae_downsample", "unet_in_channels", "cross_attention_dim", "sample_size", "tokenizer_max_length",
+                 "text_hidden_states", "pooled_text_encoder", "time_ids", "force_zeros_for_empty_prompt",
+                 "vae_force_upcast", "unet_attention", "recommended"):
         print(f"  {name}: {getattr(m, name)}")
     print(f"  default image size: {m.default_image_size}x{m.default_image_size}")
     s = m.schedule
