@@ -21,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from sdonnx.config import check_int, check_real
 from sdonnx.errors import InputError, SdonnxError
 from sdonnx.export.check import PSNR_CAP_DB
 from sdonnx.files import check_destination, scratch_folder, staged_files, staged_folder
@@ -65,6 +66,11 @@ class ExportConfig:
     # 4.41 s / 4.06 GB "sliced" (standard ONNX ops, one head at a time) and 5.34 s / 7.70 GB "full"
     # (diffusers' processor as traced); benchmarks/results/ort-optimizer-512.md.
     attention: str = "fused"
+    # The model card's settings, recorded as the manifest's `recommended` and used when a request names
+    # none (SDXL-Turbo: 1-4 steps, guidance 0). No config fact says a model is distilled (the embedded
+    # model uses trailing spacing and is not), so the user who knows the model says so.
+    recommended_steps: int | None = None
+    recommended_guidance: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -85,6 +91,16 @@ class ExportConfig:
             raise InputError("dtype", self.dtype, f"one of {', '.join(DTYPES)}")
         if self.attention not in ATTENTION:
             raise InputError("attention", self.attention, f"one of {', '.join(ATTENTION)}")
+        if self.recommended_steps is not None:
+            check_int("recommended_steps", self.recommended_steps, 1, 1000)
+        if self.recommended_guidance is not None:
+            check_real("recommended_guidance", self.recommended_guidance, 0, 50)
+
+    @property
+    def recommended(self) -> dict[str, float]:
+        """The manifest's recommended settings: those the user gave."""
+        given = {"steps": self.recommended_steps, "guidance": self.recommended_guidance}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 def export_model(config: ExportConfig) -> Manifest:
@@ -288,7 +304,8 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: Export
         if path.name != MANIFEST_NAME
     }
     return Manifest(
-        graphs=graphs, versions=_versions(config.opset), files=files, unet_attention=config.attention, **facts
+        graphs=graphs, versions=_versions(config.opset), files=files, unet_attention=config.attention,
+        recommended=config.recommended, **facts,
     )
 
 

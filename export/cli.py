@@ -59,6 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of full at 512 px, same speed); fused: every attention one ONNX Runtime MultiHeadAttention op "
         "(blocked kernels on CPU and CUDA); full: diffusers' attention as traced (default %(default)s)",
     )
+    parser.add_argument("--recommended-steps", type=int, metavar="N",
+                        help="record the model card's steps in the manifest, the default for requests naming none")
+    parser.add_argument("--recommended-guidance", type=float, metavar="G",
+                        help="the same for guidance (SDXL-Turbo: --recommended-steps 4 --recommended-guidance 0)")
     parser.set_defaults(func=run)
 
 

@@ -117,6 +117,8 @@ OTHER_COMMANDS = [  # (id, argv, what the error line must say)
     ("export-static-shape", ["export", f"{P}/diffusers", f"{P}/out", "--static-shape", "1x500"],
      "error: --static-shape"),
     ("export-min-psnr", ["export", f"{P}/diffusers", f"{P}/out", "--min-psnr", "-1"], "error: --min-psnr"),
+    ("export-recommended-steps", ["export", f"{P}/diffusers", f"{P}/out", "--recommended-steps", "0"],
+     "error: --recommended-steps"),
     ("quantize-recipe", ["quantize", f"{P}/diffusers", f"{P}/out", "--recipe", "int3"], "error: --recipe"),
     ("quantize-block-size", ["quantize", f"{P}/diffusers", f"{P}/out", "--recipe", "int4", "--block-size", "7"],
      "error: --block-size"),

@@ -477,3 +477,13 @@ def test_attention_modes_change_the_graph_not_the_output(tiny_sources, tmp_path)
 def test_unknown_attention_is_refused(tmp_path):
     with pytest.raises(InputError, match="attention"):
         ExportConfig(source="x", out=tmp_path / "o", attention="flash")
+
+
+def test_recommended_settings_are_recorded_and_become_the_defaults(tiny_sources, tmp_path):
+    from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
+
+    out = tmp_path / "turbo-like"
+    export_model(ExportConfig(str(tiny_sources["sd1"]), out, quiet=True, recommended_steps=3, recommended_guidance=0.0))
+    assert Manifest.read(out).recommended == {"steps": 3, "guidance": 0.0}
+    resolved = Pipeline.load(out, provider="cpu", progress=False).check(GenerationConfig("a cat")).config
+    assert (resolved.steps, resolved.guidance) == (3, 0.0)
