@@ -118,18 +118,12 @@ class GenerationConfig:
             check_strength(self.strength, self.steps or 1)
         check_int("clip_skip", self.clip_skip, 1, 12)
         check_choice("rng", self.rng, RNGS)
-        for name in ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                     "negative_crops_coords_top_left", "negative_target_size"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v >= 0 for v in value):
-                    raise InputError(name, value, "(height, width) or (top, left): two integers >= 0")
-                object.__setattr__(self, name, (int(value[0]), int(value[1])))
-        for name in ("aesthetic_score", "negative_aesthetic_score"):
+        for name in PAIR_FIELDS:
             if getattr(self, name) is not None:
-                check_real(name, getattr(self, name), 0, 10)
-        if self.refiner_switch is not None:
-            check_real("refiner_switch", self.refiner_switch, 0, 1)
+                object.__setattr__(self, name, _pair(name, getattr(self, name)))
+        for name, high in (("aesthetic_score", 10), ("negative_aesthetic_score", 10), ("refiner_switch", 1)):
+            if getattr(self, name) is not None:
+                check_real(name, getattr(self, name), 0, high)
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -143,6 +137,17 @@ class GenerationConfig:
     def guidance_settings(self) -> Guidance:
         """Guidance; call on a config whose defaults are resolved (`with_defaults`)."""
         return Guidance(self.guidance, self.guidance_rescale, self.guidance_interval)
+
+
+PAIR_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+               "negative_crops_coords_top_left", "negative_target_size")
+
+
+def _pair(name: str, value: object) -> tuple[int, int]:
+    """(height, width) or (top, left): two integers >= 0; InputError naming `name` otherwise."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v >= 0 for v in value):
+        raise InputError(name, value, "(height, width) or (top, left): two integers >= 0")
+    return int(value[0]), int(value[1])
 
 
 class Pipeline:
@@ -271,13 +276,7 @@ class Pipeline:
         when unset) on, from this model's latents, with its own conditioning, and decodes with its VAE.
         Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint).
         """
-        if refiner is not None:
-            config = replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
-            self._check_refiner(refiner)
-            refiner.check(config.with_defaults(self.manifest.recommended))
-        elif config.refiner_switch is not None:
-            raise InputError("refiner_switch", config.refiner_switch, "a refiner to switch to (refiner=, --refiner)")
-        request = self.check(config, image=image, mask=mask)
+        request = self.check(self._with_refiner(config, refiner), image=image, mask=mask)
         config = request.config
         seed = config.seed if config.seed is not None else secrets.randbelow(2**32)  # short enough to retype
         images, first = [], 0
@@ -336,6 +335,17 @@ class Pipeline:
         latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, callback)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
             return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+
+    def _with_refiner(self, config: GenerationConfig, refiner: Pipeline | None) -> GenerationConfig:
+        """`config` with its refiner switch (0.8 when unset) checked against the refiner, if any."""
+        if refiner is None:
+            if config.refiner_switch is not None:
+                raise InputError("refiner_switch", config.refiner_switch, "a refiner to switch to (refiner=, --refiner)")
+            return config
+        config = replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
+        self._check_refiner(refiner)
+        refiner.check(config.with_defaults(self.manifest.recommended))
+        return config
 
     def _check_refiner(self, refiner: Pipeline) -> None:
         """A refiner must continue this model's latents: same latent space and training schedule."""
