@@ -144,45 +144,15 @@ def _export_quantized(config: ExportConfig) -> Manifest:
     """
     from sdonnx.quantize import QuantizeConfig, quantize_model
 
-    if _local_sdxl_source(config):
-        _refuse_quantized_sdxl(config.dtype)
     with staged_folder(config.out, overwrite=config.overwrite) as stage:
         with scratch_folder(config.out) as tmp:
             fp32 = tmp / "fp32"
-            if export_model(replace(config, out=fp32, dtype="fp32", overwrite=False)).pooled_text_encoder:
-                _refuse_quantized_sdxl(config.dtype)  # a hub id: known to be SDXL only once loaded
+            export_model(replace(config, out=fp32, dtype="fp32", overwrite=False))
             # quantize_model stages beside `stage` as well and replaces the (empty) stage with its result.
             recipe = QuantizeConfig(
                 model=str(fp32), out=stage, recipe=config.dtype, overwrite=True, quiet=config.quiet
             )
             return quantize_model(recipe)
-
-
-def _refuse_quantized_sdxl(dtype: str) -> None:
-    raise InputError(
-        "dtype", dtype, "fp32 for an SDXL model (sdonnx quantize does not handle text_encoder_2 and the U-Net's "
-        "text_embeds/time_ids yet): export fp32"
-    )
-
-
-def _local_sdxl_source(config: ExportConfig) -> bool:
-    """Whether SOURCE is a local SDXL folder or single file, read from its configs or tensor names only."""
-    from sdonnx.export.source import pipeline_parts, read_model_index
-
-    path = Path(config.source).expanduser()
-    if path.is_dir():
-        return "text_encoder_2" in pipeline_parts(path, read_model_index(path))
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        from sdonnx.export.single_file import detect_family
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                return detect_family(list(handle.keys()), path).startswith("sdxl")
-        except Exception:  # not readable or not SD: the export reports it with its own error
-            return False
-    return False
 
 
 def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, say: _Progress) -> dict[str, dict]:

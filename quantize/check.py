@@ -1,9 +1,10 @@
 """The post-conversion check: each converted graph against its fp32 source on the same seeded inputs.
 
-Inputs are realistic rather than arbitrary, so that overflow shows where it would in use: the text
+Inputs are realistic rather than arbitrary, so that overflow shows where it would in use: each text
 encoder gets a tokenized prompt and the empty prompt; the U-Net gets unit-variance latents (what the
-denoiser feeds after input scaling) at timesteps 999, 500 and 20 with the fp32 text encoder's own
-embeddings; the VAE decoder gets latents at the scale the pipeline feeds (N(0,1) / scaling factor).
+denoiser feeds after input scaling) at timesteps 999, 500 and 20 with the fp32 text encoders' own
+embeddings (and, for SDXL, their pooled embedding and time ids); the VAE decoder gets latents at
+the scale the pipeline feeds (N(0,1) / scaling factor).
 Parity is the worst case over the feeds, as export measures it (`sdonnx.export.check.compare`).
 """
 
@@ -16,9 +17,11 @@ import numpy as np
 
 from sdonnx.export.check import Parity, compare
 from sdonnx.runtime.denoiser import timestep_input
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
+from sdonnx.runtime.pipeline import GenerationConfig
 from sdonnx.runtime.providers import RuntimeOptions, session_options
 from sdonnx.runtime.session import Session
+from sdonnx.runtime.text import POOLED_OUTPUT, hidden_output, time_ids
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 CHECK_PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -33,35 +36,38 @@ def load(path: Path, component: str) -> Session:
 
 
 def check_feeds(root: Path, manifest: Manifest, seed: int = 0) -> dict[str, list[Feeds]]:
-    """Seeded inputs per component of the fp32 folder at `root` (runs its text encoder once)."""
+    """Seeded inputs per component of the fp32 folder at `root` (runs its text encoders once): the
+    U-Net gets what the runtime would feed it (text.py), pooled text_embeds and time ids included."""
     rng = np.random.default_rng(seed)
     m = manifest
     side = min(m.sample_size, MAX_CHECK_LATENT)
-    tokenizer = ClipTokenizer.from_folder(root / "tokenizer", m.tokenizer_max_length)
-    text_spec = m.graphs["text_encoder"]
-    ids = tokenizer(["", CHECK_PROMPT]).astype(text_spec.inputs[0].dtype)
-    text_encoder = load(root / text_spec.path, "text_encoder")
-    embeddings = text_encoder.run(input_ids=ids)["last_hidden_state"]
+    pixels = side * m.vae_downsample
+    feeds: dict[str, list[Feeds]] = {}
+    hidden, pooled = [], None
+    for name in text_encoders(m):
+        tokenizer = ClipTokenizer.from_folder(root / TOKENIZERS[name], m.tokenizer_max_length)
+        session = load(root / m.graphs[name].path, name)
+        ids = tokenizer(["", CHECK_PROMPT]).astype(session.input("input_ids").dtype)
+        feeds[name] = [{"input_ids": ids}]
+        outputs = session.run(input_ids=ids)
+        hidden.append(outputs[hidden_output(session.output_names, m.text_hidden_states, 1)])
+        if name == m.pooled_text_encoder:
+            pooled = outputs[POOLED_OUTPUT]
+    conditioning = {"encoder_hidden_states": np.concatenate(hidden, axis=-1).astype(np.float32)}
+    if pooled is not None:
+        conditioning["text_embeds"] = pooled.astype(np.float32)
+        conditioning["time_ids"] = np.array(time_ids(m, GenerationConfig("", batch=2), pixels, pixels))
     unet = m.graphs["unet"]
     sample = rng.standard_normal((2, m.unet_in_channels, side, side)).astype(np.float32)
-    feeds = {
-        "text_encoder": [{"input_ids": ids}],
-        "unet": [
-            {
-                "sample": sample,
-                "timestep": timestep_input(unet.input("timestep"), t, 2),
-                "encoder_hidden_states": embeddings,
-            }
-            for t in CHECK_TIMESTEPS
-        ],
-        "vae_decoder": [
-            {"latent_sample": rng.standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
-             / np.float32(m.vae_scaling_factor)}
-        ],
-        "vae_encoder": [
-            {"sample": rng.uniform(-1, 1, (1, 3, side * m.vae_downsample, side * m.vae_downsample)).astype(np.float32)}
-        ],
-    }
+    feeds["unet"] = [
+        {"sample": sample, "timestep": timestep_input(unet.input("timestep"), t, 2), **conditioning}
+        for t in CHECK_TIMESTEPS
+    ]
+    feeds["vae_decoder"] = [
+        {"latent_sample": rng.standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
+         / np.float32(m.vae_scaling_factor)}
+    ]
+    feeds["vae_encoder"] = [{"sample": rng.uniform(-1, 1, (1, 3, pixels, pixels)).astype(np.float32)}]
     return {c: feeds[c] for c in m.graphs}
 
 

@@ -82,9 +82,9 @@ def quantize_model(config: QuantizeConfig) -> Manifest:
     source = _fp32_manifest(root)
     recipe = RECIPES[config.recipe]
     unknown = [c for c in source.graphs if c not in recipe]
-    if unknown:  # SDXL's second text encoder and pooled U-Net inputs: not calibrated or checked yet
+    if unknown:
         raise InputError("MODEL", str(root), f"a folder whose graphs the recipes cover ({sorted(recipe)}); it has "
-                         f"{unknown}: quantizing SDXL folders is not supported yet")
+                         f"{unknown}")
     static = [c for c in source.graphs if recipe[c] in STATIC_ACTIVATIONS]
     prompts = read_prompts(config.calibration_prompts) if static or config.calibration_prompts else ()
     say = (lambda *_: None) if config.quiet else print

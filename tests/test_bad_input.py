@@ -123,7 +123,7 @@ OTHER_COMMANDS = [  # (id, argv, what the error line must say)
     ("quantize-block-size", ["quantize", f"{P}/diffusers", f"{P}/out", "--recipe", "int4", "--block-size", "7"],
      "error: --block-size"),
     ("info-missing", ["info", f"{P}/missing"], "error: --model"),
-    ("quantize-sdxl-not-yet", ["quantize", str(SDXL_FIXTURE), f"{P}/out"], "error: MODEL: "),
+    ("quantize-into-its-source", ["quantize", str(SDXL_FIXTURE), str(SDXL_FIXTURE / "unet")], "error: OUT"),
     ("original-size-on-sd1", ["generate", "x", "--original-size", "64x64", "-o", f"{P}/o.png"], "error: --original-size"),
     ("crop-malformed", ["generate", "x", "-m", str(SDXL_FIXTURE), "--crop-top-left", "8", "-o", f"{P}/o.png"],
      "error: --crop-top-left"),

@@ -24,7 +24,7 @@ import sdonnx.quantize.convert as convert_module
 from sdonnx.quantize.calibration import DEFAULT_PROMPTS, read_prompts
 from sdonnx.quantize.convert import nonfinite_consumers, op_types
 from sdonnx.quantize.recipes import RECIPES
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import COMPONENTS, Manifest
 
 IMAGE_FLOOR_DB = {
     "fp16": 45.0, "int8": 34.0, "int4": 34.0, "mixed": 34.0, "int8-static": 22.0, "int8-static-a16": 40.0
@@ -79,7 +79,8 @@ def _weight_bytes(folder: Path, component: str) -> int:
 
 def test_recipes_cover_every_component_with_known_precisions():
     for name, recipe in RECIPES.items():
-        assert set(recipe) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}, name
+        assert set(recipe) == set(COMPONENTS), name  # text_encoder_2 (SDXL) included
+        assert recipe["text_encoder_2"] == recipe["text_encoder"], name
         assert set(recipe.values()) <= set(convert_module.CONVERTERS), name
 
 
