@@ -252,6 +252,8 @@ class GuidedDenoiser:
 
     def _predict(self, x: np.ndarray, sigma: float, cond: Conditioning) -> np.ndarray:
         size = len(x) if self.max_batch is None or self.model.fixed_batch else self.max_batch
+        if size >= len(x):  # one run: no slicing of the conditioning on the per-step path
+            return self.model.predict(x, sigma, cond)
         outputs = [self.model.predict(x[i : i + size], sigma, cond.part(i, i + size)) for i in range(0, len(x), size)]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
