@@ -296,3 +296,44 @@ def test_cli_refiner_writes_a1111s_fields(folder, refiner, tmp_path):
     with Image.open(out) as image:
         text = image.text["parameters"]
     assert "Refiner: onnx [" in text and "Refiner switch at: 0.8" in text
+
+
+# --- SDXL inpainting U-Nets (9 input channels) ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inpainting(reference, tmp_path_factory) -> tuple[object, Pipeline]:
+    """The fixture's pipeline with a seeded random 9-channel U-Net (latents || mask || masked image), as
+    diffusers' StableDiffusionXLInpaintPipeline, and its sdonnx export."""
+    from sdonnx.export import ExportConfig, export_model
+
+    config = {k: v for k, v in reference.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(9)
+    unet = diffusers.UNet2DConditionModel(**{**config, "in_channels": 9})
+    oracle = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=reference.vae, text_encoder=reference.text_encoder, text_encoder_2=reference.text_encoder_2,
+        tokenizer=reference.tokenizer, tokenizer_2=reference.tokenizer_2, unet=unet, scheduler=reference.scheduler,
+    )
+    oracle.set_progress_bar_config(disable=True)
+    root = tmp_path_factory.mktemp("sdxl-inpainting")
+    oracle.save_pretrained(root / "source")
+    export_model(ExportConfig(source=str(root / "source"), out=root / "onnx", quiet=True))
+    return oracle, Pipeline.load(root / "onnx", provider="cpu", progress=False)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_nine_channel_inpainting_matches_diffusers(inpainting, monkeypatch, sampler):
+    from PIL import Image
+
+    oracle, ours_pipe = inpainting
+    assert ours_pipe.manifest.unet_in_channels == 9
+    image = init_image()
+    mask = Image.new("L", image.size, 0)
+    mask.paste(255, (8, 24, 40, 56))
+    scheduler = share_noise(monkeypatch, sampler, oracle, noise_source(SEED))
+    oracle = diffusers.StableDiffusionXLInpaintPipeline.from_pipe(oracle, scheduler=scheduler)
+    oracle.set_progress_bar_config(disable=True)
+    expected = oracle(PROMPT, image=image, mask_image=mask, strength=1.0, negative_prompt=NEGATIVE,
+                      num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
+    (ours,) = ours_pipe.inpaint(PROMPT, NEGATIVE, image=image, mask=mask, steps=STEPS, guidance=GUIDANCE,
+                                sampler=sampler, seed=SEED)
+    assert delta(ours, expected) <= TOLERANCE
