@@ -256,7 +256,8 @@ class Pipeline:
     ) -> Request:
         """`config` with its init image and mask checked against this model (request.py), no graph run."""
         memory = self.model.options.memory
-        return check_request(self.manifest, self.model.root, memory, config, image, mask, tokenizers=self.tokenizers)
+        return check_request(self.manifest, self.model.root, memory, config, image, mask, tokenizers=self.tokenizers,
+                             loaded=self.model.sessions.opened)
 
     def generate(
         self,

@@ -27,7 +27,7 @@ import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 from PIL import Image
 
@@ -66,6 +66,7 @@ class Request:
 def check_request(
     manifest: Manifest, root: Path, policy: MemoryPolicy, config, image: ImageInput | None, mask: ImageInput | None,
     *, available: int | None = None, tokenizers: Mapping[str, ClipTokenizer] | None = None,
+    loaded: Collection[str] = (),
 ) -> Request:
     """Check `config` with its init image and mask against the model; InputError naming the field.
 
@@ -92,7 +93,7 @@ def check_request(
                       for name in text_encoders(manifest)}
     for tokenizer in tokenizers.values():
         _check_prompts(tokenizer, config)
-    runs = _runs(manifest, root, policy, config.batch, height, width, available)
+    runs = _runs(manifest, root, policy, config.batch, height, width, available, loaded)
     _warn_far_from_native(manifest, height, width)
     return Request(config, height, width, opened, mask, inpainting, runs)
 
@@ -168,16 +169,18 @@ def _warn_far_from_native(manifest: Manifest, height: int, width: int) -> None:
 
 
 def _runs(
-    manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int, available: int | None
+    manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int, available: int | None,
+    loaded: Collection[str],
 ) -> tuple[int, ...]:
-    """The batch as runs that fit in `available` bytes (None: what the machine has free now)."""
+    """The batch as runs that fit in `available` bytes (None: what the machine has free now); `loaded`
+    graphs are in memory already, so what is free now does not include them and neither does the need."""
     available = available_memory() if available is None else available
-    need = estimate_peak(manifest, root, policy, batch, height, width)
+    need = estimate_peak(manifest, root, policy, batch, height, width, loaded)
     if available is None or need <= available:
         return (batch,)
-    single = estimate_peak(manifest, root, policy, 1, height, width)
+    single = estimate_peak(manifest, root, policy, 1, height, width, loaded)
     if single <= available:
-        per_run = max(n for n in range(1, batch + 1) if estimate_peak(manifest, root, policy, n, height, width) <= available)
+        per_run = max(n for n in range(1, batch + 1) if estimate_peak(manifest, root, policy, n, height, width, loaded) <= available)
         return (per_run,) * (batch // per_run) + ((batch % per_run,) if batch % per_run else ())
     low = MemoryPolicy(release_sessions=True, unet_max_batch=1, decode_tile=policy.decode_tile or 32, arena=False)
     hint = "" if policy.release_sessions else (
@@ -190,8 +193,12 @@ def _runs(
     )
 
 
-def estimate_peak(manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int) -> int:
-    """Estimated peak resident bytes of one run of `batch` images at height x width (module docstring)."""
+def estimate_peak(
+    manifest: Manifest, root: Path, policy: MemoryPolicy, batch: int, height: int, width: int,
+    loaded: Collection[str] = (),
+) -> int:
+    """Estimated peak resident bytes of one run of `batch` images at height x width (module docstring),
+    less the weights of the `loaded` graphs, which are resident already."""
     f = manifest.vae_downsample
     latent_pixels = (height // f) * (width // f)
     unet_channels, heads = _first_channels(root, "unet"), _heads(root)
@@ -208,8 +215,8 @@ def estimate_peak(manifest: Manifest, root: Path, policy: MemoryPolicy, batch: i
     decoded_latent = (decode_height // f) * (decode_width // f)
     vae = (VAE_BYTES_PER_PIXEL_CHANNEL * _first_channels(root, "vae_decoder") * decode_height * decode_width
            + SCORE_BYTES * decoded_latent**2)
-    weights = _graph_bytes(manifest, root)
-    resident = max(weights.values()) if policy.release_sessions else sum(weights.values())
+    weights = {name: size for name, size in _graph_bytes(manifest, root).items() if name not in loaded}
+    resident = (max(weights.values(), default=0) if policy.release_sessions else sum(weights.values()))
     return int(MARGIN * (resident + max(unet, vae)))
 
 

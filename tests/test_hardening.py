@@ -71,3 +71,17 @@ def test_transparency_is_composited_and_said(recwarn):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         image_pixels(Image.new("RGBA", (8, 8), (1, 2, 3, 255)), 8, 8)  # opaque: nothing to say
+
+
+def test_a_loaded_pipeline_does_not_count_its_weights_twice(pipe, monkeypatch):
+    """Memory free after loading already excludes the open graphs: the need must exclude them too (a
+    full-size SDXL pipeline, 13 GB of weights, was refused at 512 px on a 24 GB machine before)."""
+    m, root, policy = pipe.manifest, pipe.model.root, pipe.model.options.memory
+    whole = estimate_peak(m, root, policy, 1, 64, 64)
+    activations = estimate_peak(m, root, policy, 1, 64, 64, loaded=set(m.graphs))
+    assert activations < whole
+    room = (activations + whole) // 2
+    with pytest.raises(InputError, match="fits in memory"):
+        check_request(m, root, policy, GenerationConfig("x", height=64, width=64), None, None, available=room)
+    monkeypatch.setattr(request_module, "available_memory", lambda: room)
+    assert pipe.check(GenerationConfig("x", height=64, width=64)).runs == (1,)
