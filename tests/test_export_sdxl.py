@@ -571,7 +571,7 @@ def test_incomplete_sgm_checkpoint_names_sdxl(sgm_files, tmp_path):
 
 def test_hub_download_fetches_the_sdxl_parts(tiny_sdxl_sources, tmp_path, monkeypatch):
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
+    from test_single_file import _fake_hub
 
     from sdonnx.export import hub
 
@@ -579,16 +579,7 @@ def test_hub_download_fetches_the_sdxl_parts(tiny_sdxl_sources, tmp_path, monkey
     needed = _files(remote)
     for name in ("text_encoder_2/pytorch_model.bin", "text_encoder_2/model.fp16.safetensors", "sd_xl_refiner.ckpt"):
         (remote / name).write_bytes(b"x")
-    snapshot = tmp_path / "snapshot"
-
-    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kwargs):
-        files = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
-        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(remote / name, snapshot / name)
-        return str(snapshot)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_hub(remote, tmp_path / "snapshot"))
     assert _files(hub.download("org/tiny-refiner")) == needed  # no text_encoder/: the refiner has none
 
 

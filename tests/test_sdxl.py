@@ -142,19 +142,24 @@ def test_img2img_matches_diffusers(reference, pipe, monkeypatch, sampler):
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddim", "euler_ancestral"])
 def test_inpaint_matches_diffusers(reference, pipe, monkeypatch, sampler):
+    assert inpaint_delta(reference, pipe, monkeypatch, sampler, box=(16, 16, 48, 40), strength=0.75) <= TOLERANCE
+
+
+def inpaint_delta(reference, pipe, monkeypatch, sampler: str, *, box: tuple[int, int, int, int], strength: float):
+    """Max |sdonnx - diffusers' StableDiffusionXLInpaintPipeline| for a white `box` of the mask."""
     from PIL import Image
 
     image = init_image()
     mask = Image.new("L", image.size, 0)
-    mask.paste(255, (16, 16, 48, 40))
+    mask.paste(255, box)
     scheduler = share_noise(monkeypatch, sampler, reference, noise_source(SEED))
     oracle = diffusers.StableDiffusionXLInpaintPipeline.from_pipe(reference, scheduler=scheduler)
     oracle.set_progress_bar_config(disable=True)
-    expected = oracle(PROMPT, image=image, mask_image=mask, strength=0.75, negative_prompt=NEGATIVE,
+    expected = oracle(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
                       num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
-    (ours,) = pipe.inpaint(PROMPT, NEGATIVE, image=image, mask=mask, strength=0.75, steps=STEPS, guidance=GUIDANCE,
-                           sampler=sampler, seed=SEED)
-    assert delta(ours, expected) <= TOLERANCE
+    (ours,) = pipe.inpaint(PROMPT, NEGATIVE, image=image, mask=mask, strength=strength, steps=STEPS,
+                           guidance=GUIDANCE, sampler=sampler, seed=SEED)
+    return delta(ours, expected)
 
 
 @pytest.mark.parametrize("steps", [1, 4])
@@ -322,18 +327,6 @@ def inpainting(reference, tmp_path_factory) -> tuple[object, Pipeline]:
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_nine_channel_inpainting_matches_diffusers(inpainting, monkeypatch, sampler):
-    from PIL import Image
-
-    oracle, ours_pipe = inpainting
-    assert ours_pipe.manifest.unet_in_channels == 9
-    image = init_image()
-    mask = Image.new("L", image.size, 0)
-    mask.paste(255, (8, 24, 40, 56))
-    scheduler = share_noise(monkeypatch, sampler, oracle, noise_source(SEED))
-    oracle = diffusers.StableDiffusionXLInpaintPipeline.from_pipe(oracle, scheduler=scheduler)
-    oracle.set_progress_bar_config(disable=True)
-    expected = oracle(PROMPT, image=image, mask_image=mask, strength=1.0, negative_prompt=NEGATIVE,
-                      num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images[0]
-    (ours,) = ours_pipe.inpaint(PROMPT, NEGATIVE, image=image, mask=mask, steps=STEPS, guidance=GUIDANCE,
-                                sampler=sampler, seed=SEED)
-    assert delta(ours, expected) <= TOLERANCE
+    oracle, ours = inpainting
+    assert ours.manifest.unet_in_channels == 9
+    assert inpaint_delta(oracle, ours, monkeypatch, sampler, box=(8, 24, 40, 56), strength=1.0) <= TOLERANCE
