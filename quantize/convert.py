@@ -1,10 +1,14 @@
 """One graph, one precision: ONNX Runtime's own converters, with the traps of SD graphs handled.
 
-- Graphs over protobuf's 2 GB limit (the SD 1.5 U-Net is 3.4 GB) are loaded with their external data
-  and handed to the quantizers as ModelProtos: ORT then runs shape inference on a copy in its own
-  temporary folder (saved with external data) instead of calling `infer_shapes` on the proto, which
-  fails past 2 GB, or writing a `-inferred` file into the source folder. The result is saved with
-  external data again. The passes that serialize the proto themselves (shape inference before fp16
+- Graphs over protobuf's 2 GB limit (the SD 1.5 U-Net is 3.4 GB, SDXL's 10.3 GB) are loaded with
+  their external data and handed to the quantizers as ModelProtos: ORT then runs shape inference on
+  a copy in its own temporary folder (saved with external data) instead of calling `infer_shapes` on
+  the proto, which fails past 2 GB, or writing a `-inferred` file into the source folder. The result
+  is saved with external data again. Dynamic int8 does without those copies, which took 11.2 GB for
+  SDXL's 2.6 GB text_encoder_2 and more than 24 GB for its 10.3 GB U-Net: shape inference runs on
+  the graph without its weights, and ORT's ONNXQuantizer (what `quantize_dynamic` calls) gets that
+  graph, loading each weight from the external data as it quantizes it. (onnx refuses external data
+  reached through symbolic or hard links, so a linked copy of the source folder is no way out.) The passes that serialize the proto themselves (shape inference before fp16
   conversion, which needs every tensor's type; the opset-21 upgrade that 16-bit activations need)
   run on the graph without its weights, which works at any size, and the weights are loaded after.
 - CLIP's causal mask is a -inf constant (`Where(mask, -inf, scores)`); a calibrated range that
@@ -105,17 +109,71 @@ def _drop_duplicate_nodes(model: onnx.ModelProto) -> None:
 
 
 def int8_dynamic(src: Path, dst: Path, large: bool, *, precision: str, **_) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """What `quantize_dynamic(model, dst, op_types, weight_type=QUInt8)` does, holding the fp32 weights
+    once, loaded as they are quantized (see the module docstring)."""
+    from onnxruntime.quantization import QuantType, onnx_quantizer
+    from onnxruntime.quantization.quant_utils import QuantizationMode, add_infer_metadata, update_opset_version
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(
-        onnx.load(str(src)),
-        str(dst),
-        op_types_to_quantize=list(DYNAMIC_OPS[precision]),
-        weight_type=QuantType.QUInt8,
-        use_external_data_format=large,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    # Shapes inferred on the graph without its weights; the weights stay on disk for now.
+    model = update_opset_version(onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False)),
+                                 QuantType.QUInt8)
+    add_infer_metadata(model)  # so the quantizer's constructor does not re-save and reload the model
+    # After turning Gemms into MatMuls the quantizer re-infers shapes through a deep copy that it saves
+    # and reloads with all weights; inferring on the graph as it is gives the same value_info. ONNX
+    # loads an external tensor, when the quantizer first reads it, relative to the working directory.
+    with _replaced(onnx_quantizer, "save_and_reload_model_with_shape_infer", _infer), _working_dir(src.parent):
+        quantizer = onnx_quantizer.ONNXQuantizer(
+            model,
+            False,  # per_channel
+            False,  # reduce_range
+            QuantizationMode.IntegerOps,
+            False,  # static
+            QuantType.QUInt8,  # weights
+            QuantType.QUInt8,  # activations: dynamic quantization has only uint8
+            None,  # tensors_range
+            [],  # nodes_to_quantize: all
+            [],  # nodes_to_exclude
+            list(DYNAMIC_OPS[precision]),
+            {"MatMulConstBOnly": True},
+        )
+        del model
+        quantizer.quantize_model()
+    load_external_data_for_model(quantizer.model.model, str(src.parent))  # what stays float: biases, norms
+    save(quantizer.model.model, dst, large)
+
+
+@contextmanager
+def _replaced(module, name: str, value) -> Iterator[None]:
+    """module.name = value for the block (left alone if this onnxruntime has no such name)."""
+    if not hasattr(module, name):
+        yield
+        return
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextmanager
+def _working_dir(folder: Path) -> Iterator[None]:
+    import os
+
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    add_infer_metadata(inferred)
+    return inferred
 
 
 def int8_static(src: Path, dst: Path, large: bool, *, precision: str, calibration: Sequence[Feeds], **_) -> None:
