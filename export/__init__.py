@@ -129,8 +129,8 @@ def export_model(config: ExportConfig) -> Manifest:
         _check_static_shape(config.static_shape, graphs.vae_downsample(source.vae))
         facts = _model_facts(source)
         write_pipeline_files(folder, source)
-        checks = _export_and_check(source, folder, config, say)
-        manifest = _manifest(folder, facts, checks, config)
+        checks, weights = _export_and_check(source, folder, config, say)
+        manifest = _manifest(folder, facts, checks, weights, config)
         manifest.write(folder)
     say.line(f"wrote {config.out}")
     return manifest
@@ -155,17 +155,20 @@ def _export_quantized(config: ExportConfig) -> Manifest:
             return quantize_model(recipe)
 
 
-def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, say: _Progress) -> dict[str, dict]:
-    """Export each graph into folder/<name>/model.onnx and check it; the parity numbers by graph.
+def _export_and_check(
+    source: SourceModel, folder: Path, config: ExportConfig, say: _Progress
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Export each graph into folder/<name>/model.onnx and check it; the parity numbers by graph, and
+    the checked weight maps of the graphs LoRAs change (`weight_map`).
 
     PyTorch's reference outputs are computed first and the module released before ONNX Runtime loads
     the graph, so a full-size U-Net is in memory once, not twice. Modules are released as they are done.
     """
-    from sdonnx.export import graphs
+    from sdonnx.export import graphs, weight_map
     from sdonnx.export.check import check_graph
 
     trace, probe = graphs.probes(source, config.static_shape)
-    checks = {}
+    checks, weights = {}, {}
     names = graphs.graph_names(source)
     for i, name in enumerate(names):
         started = time.perf_counter()
@@ -176,6 +179,8 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
         path = folder / name / "model.onnx"
         graphs.export_graph(graph, path, opset=config.opset)
         del graph
+        if name in weight_map.COMPONENTS:
+            weights[name] = weight_map.record(getattr(source, name), path, name)
         graphs.release(source, name, names[i + 1:])
         gc.collect()
         say.part(" checking…")
@@ -183,7 +188,7 @@ def _export_and_check(source: SourceModel, folder: Path, config: ExportConfig, s
         checks[name] = parity.as_dict()
         seconds = time.perf_counter() - started
         say.line(f" max|Δ| {parity.max_abs_diff:.1e} PSNR {parity.psnr_db:.0f} dB ({seconds:.1f} s)")
-    return checks
+    return checks, weights
 
 
 def _require_export_extras() -> None:
@@ -259,7 +264,8 @@ def _text_time_facts(source: SourceModel) -> dict:
     )
 
 
-def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: ExportConfig) -> Manifest:
+def _manifest(folder: Path, facts: dict, checks: dict[str, dict], weights: dict[str, dict],
+              config: ExportConfig) -> Manifest:
     """The manifest of the finished folder: IO read back from the ONNX files, hashes of every file."""
     from sdonnx.export.graphs import io_specs
     from sdonnx.runtime.manifest import COMPONENTS, MANIFEST_NAME, GraphSpec, Manifest, sha256_file
@@ -267,7 +273,8 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], config: Export
     graphs = {}
     for name in (c for c in COMPONENTS if (folder / c / "model.onnx").is_file()):
         inputs, outputs = io_specs(folder / name / "model.onnx")
-        graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name])
+        graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name],
+                                 weights=weights.get(name))
     files = {
         path.relative_to(folder).as_posix(): sha256_file(path)
         for path in staged_files(folder)

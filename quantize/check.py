@@ -89,3 +89,33 @@ def worst(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mappin
 
 def finite(outputs: Sequence[Mapping[str, np.ndarray]]) -> bool:
     return all(bool(np.isfinite(v).all()) for out in outputs for v in out.values())
+
+
+def weight_map(src: Path, dst: Path, recorded: Mapping | None) -> dict:
+    """The weight map of the converted graph at `dst` (runtime/weights.py), each entry checked against
+    the fp32 graph at `src` (its recorded map, or one derived): a float weight must be the fp32 one in
+    the new dtype, a quantized one must dequantize to within half a step of it. Modules the converted
+    graph no longer holds as a weight (int4's packed MatMulNBits) are left out."""
+    from sdonnx.errors import ModelError
+    from sdonnx.runtime.onnx_file import read_graph
+    from sdonnx.runtime.weights import derive, dequantize
+
+    before, after = read_graph(src), read_graph(dst)
+    reference = dict(recorded) if recorded is not None else derive(before)
+    found = {name: ref for name, ref in derive(after).items() if name in reference}
+    for name, ref in found.items():
+        base = reference[name]
+        expected = before.initializers[base.initializer].read().astype(np.float32)
+        expected = expected.T if base.layout == "in_out" else expected
+        stored = after.initializers[ref.initializer]
+        if ref.scale is None:
+            values, tolerance = stored.read().astype(np.float32), np.abs(expected) * 2**-10 + 2**-24
+        else:
+            scale = after.initializers[ref.scale].read()
+            values = dequantize(stored.read(), scale, after.initializers[ref.zero_point].read(), ref.axis)
+            tolerance = np.float32(scale.max()) * 0.5001
+        values = values.T if ref.layout == "in_out" else values
+        if values.shape != expected.shape or np.any(np.abs(values - expected) > tolerance):
+            raise ModelError(f"{dst}: weight map entry {name!r} -> {ref.initializer!r} does not hold the fp32 "
+                             f"graph's {base.initializer!r}")
+    return found

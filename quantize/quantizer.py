@@ -29,6 +29,8 @@ from sdonnx.quantize.calibration import read_prompts, record_feeds
 from sdonnx.quantize.convert import STATIC_ACTIVATIONS, convert_graph, op_types
 from sdonnx.quantize.recipes import DEFAULT_BLOCK_SIZE, DEFAULT_CALIBRATION_STEPS, DEFAULT_RECIPE, RECIPES
 from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest, sha256_file
+
+WEIGHTED = ("unet", "text_encoder", "text_encoder_2")  # the graphs whose weight maps LoRAs read
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.providers import RuntimeOptions
 
@@ -166,7 +168,9 @@ def _quantize_graph(
         outputs = check.run_all(session, feeds)
     parity = check.worst(reference, outputs)
     say(f"{component}: {precision}, {_size_mb(dst):.1f} MB, {parity.psnr_db:.1f} dB vs fp32")
-    return GraphSpec(spec.path, session.inputs, session.outputs, precision=precision, check=parity.as_dict())
+    weights = check.weight_map(src, dst, spec.weights) if component in WEIGHTED else None
+    return GraphSpec(spec.path, session.inputs, session.outputs, precision=precision, check=parity.as_dict(),
+                     weights=weights)
 
 
 def _remove_graph(dst: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdonnx.errors import ModelError
+from sdonnx.runtime.weights import WeightRef, read_map
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -64,6 +65,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str = "fp32"
     check: Mapping[str, float] | None = None
+    # module path -> where its weight is (runtime/weights.py), for LoRAs; None: not recorded (older
+    # exports, optimum folders), derived from the graph when needed.
+    weights: Mapping[str, WeightRef] | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -202,7 +206,11 @@ class Manifest:
         return self.sample_size * self.vae_downsample
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        raw = asdict(self)
+        for name, graph in self.graphs.items():  # a weight map entry is a short list, not an object
+            if graph.weights is not None:
+                raw["graphs"][name]["weights"] = {module: ref.to_json() for module, ref in graph.weights.items()}
+        return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -303,6 +311,7 @@ def _graph(r: _Reader) -> GraphSpec:
         outputs=tensors("outputs"),
         precision=r.get("precision", str),
         check=r.get("check", dict, optional=True),
+        weights=None if r.get("weights", dict, optional=True) is None else read_map(r.raw["weights"], f"{r.where}.weights"),
     )
 
 
