@@ -71,7 +71,8 @@ def record_feeds(
     """
     model = ModelFolder.load(folder, RuntimeOptions(provider="cpu"))
     recorders = {c: Recorder(model.sessions[c]) for c in components}
-    sessions = Sessions(list(model.sessions), lambda c: recorders.get(c) or model.sessions[c], model.sessions.policy)
+    sessions = Sessions(list(model.sessions), lambda c, _weights=None: recorders.get(c) or model.sessions[c],
+                        model.sessions.policy)
     recorded = replace(model, sessions=sessions)
     pipe = Pipeline(recorded, load_tokenizers(model), progress=False)
     size = min(model.manifest.default_image_size, MAX_CALIBRATION_SIZE)

@@ -20,9 +20,10 @@ from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.integrity import verify_folder
+from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder, read_facts
-from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline
+from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, requested_loras
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.request import check_request
 from sdonnx.runtime.sampling import SAMPLERS
@@ -83,6 +84,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{INPAINT_STRENGTH:g} with --mask)",
     )
     generate.add_argument(
+        "--lora", action="append", dest="lora_specs", metavar="FILE:WEIGHT",
+        help="apply a LoRA (a file, or a name in --lora-dir) at WEIGHT (default 1); repeatable, and the prompt "
+        "may name more as <lora:NAME:WEIGHT>",
+    )
+    generate.add_argument("--lora-dir", type=Path, metavar="DIR", help="where <lora:NAME:...> and --lora names are found")
+    generate.add_argument(
         "--from-png", type=Path, metavar="FILE",
         help="re-run the settings in FILE's parameters text (sdonnx or A1111); other flags override them",
     )
@@ -136,7 +143,10 @@ def _generate(args: argparse.Namespace) -> int:
     outputs = output_paths(args.output, config.batch)
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise InputError("lora_dir", str(args.lora_dir), "an existing folder of LoRA files")
     config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
+    Adapters(root, facts).prepare(requested_loras(config, args.lora_dir))
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:
@@ -147,7 +157,7 @@ def _generate(args: argparse.Namespace) -> int:
     elif config.refiner_switch is not None:
         raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")
 
-    pipe = Pipeline.load(root, options, progress=not args.quiet)
+    pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
     images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner)
@@ -155,7 +165,8 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"seed: {images[0].info['seed']}")
     for image, path in zip(images, outputs):
         parameters = format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model,
-                                       refiner=refiner.model if refiner is not None else None)
+                                       refiner=refiner.model if refiner is not None else None,
+                                       lora_hashes=image.info.get("lora_hashes"))
         write_png(image, path, parameters)
         if not args.quiet:
             print(f"wrote {path}")
@@ -184,7 +195,18 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
             parsed[field] = (height, width)  # diffusers' order
     if args.crop_top_left is not None:
         parsed["crops_coords_top_left"] = parse_pair(args.crop_top_left, "crops_coords_top_left")
+    if args.lora_specs:
+        parsed["loras"] = tuple(parse_lora(spec) for spec in args.lora_specs)
     return config_from_args(GenerationConfig, args, defaults=saved, **parsed)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """--lora FILE:WEIGHT (or FILE, weight 1) -> (FILE, WEIGHT); a colon inside the path stays in it."""
+    name, _, weight = spec.rpartition(":")
+    try:
+        return (name, float(weight)) if name else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
 
 
 def _checked_image(name: str, path: Path | None) -> Path | None:

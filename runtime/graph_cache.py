@@ -23,7 +23,9 @@ import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Mapping
 
+import numpy as np
 import onnxruntime as ort
 
 from sdonnx.runtime.providers import RuntimeOptions, resolve_provider, session_options
@@ -34,11 +36,16 @@ EXTERNAL_DATA = "model.onnx_data"
 DEFAULT_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdonnx" / "optimized"
 
 
-def open_session(path: Path, providers: Providers, options: RuntimeOptions, *, name: str) -> Session:
-    """A Session for the graph at `path`, through the cache when options.graph_cache is set."""
-    cached = options.graph_cache is not None and options.graph_optimization != "disable"
+def open_session(path: Path, providers: Providers, options: RuntimeOptions, *, name: str,
+                 initializers: Mapping[str, np.ndarray] | None = None) -> Session:
+    """A Session for the graph at `path`, through the cache when options.graph_cache is set.
+
+    initializers: replaced weights (LoRAs); such a session skips the cache, whose optimized graph has
+    the weights as they are on disk folded and laid out for its kernels.
+    """
+    cached = options.graph_cache is not None and options.graph_optimization != "disable" and not initializers
     if not cached or resolve_provider(options.provider) != "cpu":
-        return Session(path, providers, session_options(options), name=name)
+        return Session(path, providers, session_options(options), name=name, initializers=initializers)
     entry = Path(options.graph_cache) / cache_key(path, options)
     if (entry / GRAPH).is_file():
         unoptimized = session_options(replace(options, graph_optimization="disable"))

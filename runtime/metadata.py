@@ -31,7 +31,7 @@ import hashlib
 import json
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
@@ -65,9 +65,11 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
 
 def format_parameters(
     config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None,
-    refiner: ModelFolder | None = None,
+    refiner: ModelFolder | None = None, lora_hashes: Mapping[str, str] | None = None,
 ) -> str:
     """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
+    lora_hashes: {name: short hash} of the LoRAs applied (the image's info["lora_hashes"]), written as
+    A1111's `Lora hashes: "name: hash, ..."`; the prompt keeps its <lora:...> tags.
 
     Steps and guidance left open in `config` are written as they ran: the model's recommended ones.
     """
@@ -91,6 +93,7 @@ def format_parameters(
         if config.guidance_interval else None,
         "Refiner": f"{refiner.root.name} [{model_hash(refiner)}]" if refiner is not None else None,
         "Refiner switch at": _number(config.refiner_switch) if config.refiner_switch is not None else None,
+        "Lora hashes": ", ".join(f"{name}: {h}" for name, h in lora_hashes.items()) if lora_hashes else None,
     }
     if model is not None:
         fields |= {

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import numpy as np
+
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime import graph_cache
 from sdonnx.runtime.integrity import verify_folder
@@ -56,18 +58,28 @@ class Sessions(Mapping[str, Session]):
     closed when the step ends, so its memory goes back, and the next use opens it again.
     """
 
-    def __init__(self, components: Sequence[str], opener: Callable[[str], Session], policy: MemoryPolicy):
+    def __init__(self, components: Sequence[str], opener: Callable[..., Session], policy: MemoryPolicy):
         self._components = tuple(components)
-        self._open = opener
+        self._open = opener  # opener(component, initializers) -> Session
         self._opened: dict[str, Session] = {}
+        self._weights: dict[str, Mapping[str, np.ndarray]] = {}
         self.policy = policy
 
     def __getitem__(self, component: str) -> Session:
         if component not in self._components:
             raise KeyError(component)
         if component not in self._opened:
-            self._opened[component] = self._open(component)
+            self._opened[component] = self._open(component, self._weights.get(component))
         return self._opened[component]
+
+    def replace_weights(self, component: str, initializers: Mapping[str, np.ndarray]) -> None:
+        """Open `component` with `initializers` in place of the graph's tensors of those names from
+        now on ({}: as on disk); its open session is closed first, its memory returned."""
+        self.release(component)
+        if initializers:
+            self._weights[component] = initializers
+        else:
+            self._weights.pop(component, None)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._components)
@@ -166,10 +178,11 @@ class ModelFolder:
         manifest = None if derived else declared
         verify_folder(root, manifest, verify=options.verify_integrity, components=wanted)
 
-        def open_session(component: str) -> Session:
+        def open_session(component: str, initializers: Mapping[str, np.ndarray] | None = None) -> Session:
             """Open and check one graph. A derived folder's first opens come before its manifest
             exists (their IO is part of it); those are checked below, once it does."""
-            session = graph_cache.open_session(root / paths[component], providers, options, name=component)
+            session = graph_cache.open_session(root / paths[component], providers, options, name=component,
+                                               initializers=initializers)
             if not derived:
                 _check_against_spec(session, manifest.graphs[component])
             if manifest is not None:

@@ -30,10 +30,12 @@ from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
 from sdonnx.runtime.images import check_finite, decode, encode
+from sdonnx.runtime.lora import MAX_ABS_WEIGHT, Adapters, LoraChoice, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
+from sdonnx.runtime.prompts import lora_tags, strip_tags
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
@@ -95,6 +97,9 @@ class GenerationConfig:
     # With a refiner (generate's `refiner=`): the share of the plan the base runs, diffusers'
     # denoising_end for the base and denoising_start for the refiner, A1111's "Refiner switch at".
     refiner_switch: float | None = None
+    # LoRAs to apply for this request, {file or name: weight} (names resolve in the pipeline's
+    # lora_dir), besides the prompt's <lora:NAME:WEIGHT> tags; held as ((name, weight), ...).
+    loras: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -124,6 +129,8 @@ class GenerationConfig:
         for name, high in (("aesthetic_score", 10), ("negative_aesthetic_score", 10), ("refiner_switch", 1)):
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0, high)
+        object.__setattr__(self, "loras", _loras(self.loras))
+        lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -143,6 +150,18 @@ PAIR_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negativ
                "negative_crops_coords_top_left", "negative_target_size")
 
 
+def _loras(value: object) -> tuple[tuple[str, float], ...]:
+    """{name: weight} or ((name, weight), ...) -> ((name, weight), ...); weights checked by lora.choose."""
+    pairs = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (str, Path)) for p in pairs):
+        raise InputError("loras", value, "{file or name: weight, ...}")
+    for name, weight in pairs:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_ABS_WEIGHT:
+            raise InputError(f"loras: {name}", weight, f"a LoRA weight in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
+    return tuple((str(name), float(weight)) for name, weight in pairs)
+
+
 def _pair(name: str, value: object) -> tuple[int, int]:
     """(height, width) or (top, left): two integers >= 0; InputError naming `name` otherwise."""
     if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v >= 0 for v in value):
@@ -156,10 +175,13 @@ class Pipeline:
     progress: show a tqdm bar over the sampler steps.
     """
 
-    def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True):
+    def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
+                 lora_dir: Path | str | None = None):
         self.model = model
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
+        self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        self.adapters = Adapters(model.root, model.manifest)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -173,6 +195,7 @@ class Pipeline:
         options: RuntimeOptions | None = None,
         *,
         progress: bool = True,
+        lora_dir: Path | str | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -180,12 +203,15 @@ class Pipeline:
         path None: the embedded model (sdonnx.models.EMBEDDED_MODEL), which needs no download.
         options: how the graphs run; or give RuntimeOptions' fields as keywords instead
         (provider="cpu", threads=2, ...).
+        lora_dir: where LoRA names (`loras={"name": 0.8}`, `<lora:name:0.8>`) are looked up.
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
         options = options if options is not None else RuntimeOptions(**option_fields)
+        if lora_dir is not None and not Path(lora_dir).is_dir():
+            raise InputError("lora_dir", str(lora_dir), "an existing folder of LoRA files")
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
-        return cls(model, load_tokenizers(model), progress=progress)
+        return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir)
 
     @property
     def manifest(self) -> Manifest:
@@ -254,10 +280,14 @@ class Pipeline:
     def check(
         self, config: GenerationConfig, *, image: ImageInput | None = None, mask: ImageInput | None = None
     ) -> Request:
-        """`config` with its init image and mask checked against this model (request.py), no graph run."""
+        """`config` with its init image, mask and LoRAs checked against this model (request.py,
+        lora.py), no graph run."""
         memory = self.model.options.memory
-        return check_request(self.manifest, self.model.root, memory, config, image, mask, tokenizers=self.tokenizers,
-                             loaded=self.model.sessions.opened)
+        request = check_request(self.manifest, self.model.root, memory, config, image, mask,
+                                tokenizers=self.tokenizers, loaded=self.model.sessions.opened)
+        loras = requested_loras(config, self.lora_dir)
+        self.adapters.prepare(loras)
+        return replace(request, loras=loras)
 
     def generate(
         self,
@@ -285,8 +315,11 @@ class Pipeline:
             part = None if latents is None else latents[first : first + count]
             images += self._run(request, replace(config, batch=count), seed + first, part, callback, refiner)
             first += count
+        hashes = {choice.path.stem: self.adapters.short_hash(choice.path) for choice in request.loras}
         for index, image in enumerate(images):
             image.info.update(seed=seed + index, batch_index=index)
+            if hashes:
+                image.info["lora_hashes"] = hashes
             if request.image is not None:
                 image.info["strength"] = config.strength
         return images
@@ -312,6 +345,7 @@ class Pipeline:
         rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         f = m.vae_downsample
         shape = (config.batch, m.latent_channels, request.height // f, request.width // f)
+        self.adapters.apply(self.model.sessions, request.loras)
         # First: a prompt over the length limit fails before any image work.
         cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
         start = start_latents(
@@ -331,7 +365,7 @@ class Pipeline:
         """The refiner's part: x [B, C, h, w] (k-space, at plan.sigmas[0]) -> images, with this
         model's own text encoders, time ids (aesthetic scores) and VAE."""
         m = self.manifest
-        config = config.with_defaults(m.recommended)
+        config = _without_loras(config).with_defaults(m.recommended)
         cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
         latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, callback)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
@@ -345,7 +379,7 @@ class Pipeline:
             return config
         config = replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         self._check_refiner(refiner)
-        refiner.check(config.with_defaults(self.manifest.recommended))
+        refiner.check(_without_loras(config).with_defaults(self.manifest.recommended))
         return config
 
     def _check_refiner(self, refiner: Pipeline) -> None:
@@ -408,6 +442,17 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def requested_loras(config: GenerationConfig, lora_dir: Path | None) -> tuple[LoraChoice, ...]:
+    """The LoRAs `config` asks for: its prompt's <lora:NAME:WEIGHT> tags, then its `loras`."""
+    return choose([(name, weight, "prompt") for name, weight in lora_tags(config.prompt)]
+                  + [(name, weight, "loras") for name, weight in config.loras], lora_dir)
+
+
+def _without_loras(config: GenerationConfig) -> GenerationConfig:
+    """The refiner's view of a request: LoRAs belong to the base model they were trained for."""
+    return replace(config, prompt=strip_tags(config.prompt), loras=())
 
 
 def load_tokenizers(model: ModelFolder) -> dict[str, ClipTokenizer]:

@@ -11,6 +11,11 @@ weight; the tokens fill chunks of `max_length - 2` (75 for CLIP), each framed [b
 padded with the pad token to max_length (77). The text encoder encodes every chunk independently;
 the chunks' embeddings are joined along the sequence axis, which the U-Net accepts at any length.
 
+Extra networks (`lora_tags`): `<lora:NAME:WEIGHT>` (also `<lora:NAME>`, weight 1, and the older
+`<lyco:...>`) anywhere in the prompt names a LoRA to apply; tags are removed from the text the
+encoder sees (`strip_tags`), as A1111 does, and activate LoRAs from the prompt only, not the
+negative prompt.
+
 Weighting (`apply_weights`): each token's embedding is multiplied by its weight, then the chunk is
 rescaled so that its mean equals the unweighted chunk's mean (A1111's original emphasis).
 
@@ -55,6 +60,28 @@ _ATTENTION = re.compile(
     re.VERBOSE,
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_TAG = re.compile(r"<(lora|lyco):([^>]*)>")
+
+
+def strip_tags(text: str) -> str:
+    """The prompt without its extra-network tags."""
+    return _TAG.sub("", text)
+
+
+def lora_tags(text: str, *, field: str = "prompt") -> list[tuple[str, float]]:
+    """(NAME, WEIGHT) of each `<lora:NAME:WEIGHT>` tag, in order; InputError for a malformed one."""
+    tags = []
+    for match in _TAG.finditer(text):
+        name, *rest = match[2].split(":")
+        try:
+            weight = float(rest[0]) if rest else 1.0
+        except ValueError:
+            weight = None
+        if not name.strip() or len(rest) > 1 or weight is None or not np.isfinite(weight):
+            raise InputError(field, match[0], "<lora:NAME:WEIGHT> with a file name and one number (A1111's "
+                                              "separate text-encoder and U-Net weights are not supported)")
+        tags.append((name.strip(), weight))
+    return tags
 
 
 def parse_prompt_attention(text: str, *, field: str = "prompt") -> list[tuple[str, float]]:
@@ -160,7 +187,7 @@ def tokenize_prompt(tokenizer: ClipTokenizer, text: str, *, field: str = "prompt
         chunks.append((ids, weights))
         ids, weights = [], []
 
-    for piece, weight in parse_prompt_attention(text, field=field):
+    for piece, weight in parse_prompt_attention(strip_tags(text), field=field):
         if (piece, weight) == BREAK:
             close_chunk()
             continue

@@ -52,7 +52,8 @@ SD_CHANNELS = {"unet": 320, "vae_decoder": 128}  # first-block widths of SD 1.x/
 @dataclass(frozen=True)
 class Request:
     """A request ready to run: the config (strength resolved), the image size, the opened init image
-    and mask, whether the U-Net inpaints, and the batch split into runs that fit in memory."""
+    and mask, whether the U-Net inpaints, the batch split into runs that fit in memory, and the LoRAs
+    to apply (lora.LoraChoice, checked against the model by the pipeline)."""
 
     config: object  # GenerationConfig (typed loosely: pipeline.py imports this module)
     height: int
@@ -61,6 +62,7 @@ class Request:
     mask: ImageInput | None
     inpainting: bool
     runs: tuple[int, ...]
+    loras: tuple = ()
 
 
 def check_request(

@@ -13,7 +13,7 @@ long as the same array object is passed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -44,6 +44,15 @@ class Session:
     io_binding: route runs through ORT IO binding; None turns it on for the CUDA provider.
     load: the file onnxruntime reads, when it is not `path` itself (an already optimized copy of it,
     `graph_cache`); `path` stays the graph's name in messages.
+    initializers: tensors that replace the graph's initializers of the same names (merged LoRA
+    weights); each must have the dtype and shape of the one it replaces (checked here: ONNX Runtime
+    would crash later). They must reach ONNX Runtime as part of the model, before its graph
+    optimizations: `SessionOptions.add_initializer` comes after them, and the CPU provider's NCHWc
+    transform then lays out the convolution weights from the file, not the replacement (measured on
+    ORT 1.32: a replaced Conv weight was ignored at level "all", honoured at "extended"). So a tensor
+    kept in the graph file is overwritten in a copy of the file's bytes (same size), one kept in
+    external data is handed over with `add_external_initializers`, which ORT reads in its place,
+    and only small constants stored as typed fields (a quantizer's scales) go through add_initializer.
     """
 
     def __init__(
@@ -55,15 +64,19 @@ class Session:
         name: str | None = None,
         io_binding: bool | None = None,
         load: Path | None = None,
+        initializers: Mapping[str, np.ndarray] | None = None,
     ):
         self.path = Path(path)
         self.name = name or self.path.parent.name
         if not self.path.is_file():
             raise ModelError(f"{self.path}: missing ONNX graph for {self.name!r}")
+        self._initializers = []
+        model: str | bytes = str(load or self.path)
+        if initializers:
+            options = options or ort.SessionOptions()
+            model = self._replace(Path(model), initializers, options)
         try:
-            self._session = ort.InferenceSession(
-                str(load or self.path), sess_options=options, providers=list(providers)
-            )
+            self._session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...), not exported
             raise ModelError(f"{self.path}: onnxruntime cannot load the {self.name!r} graph: {e}") from e
         self.inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
@@ -72,6 +85,43 @@ class Session:
         if io_binding is None:
             io_binding = self.providers[0] == "CUDAExecutionProvider"
         self._binding = _Binding(self._session) if io_binding else None
+
+    def _replace(self, path: Path, initializers: Mapping[str, np.ndarray], options: ort.SessionOptions) -> str | bytes:
+        """What ORT should load for `path` with `initializers` replaced (see the class docstring)."""
+        from sdonnx.runtime.onnx_file import read_graph
+
+        graph = read_graph(path)
+        patched, external = None, {}
+        for name, value in initializers.items():
+            tensor = graph.initializers.get(name)
+            if tensor is None:
+                raise ModelError(f"{self.path}: no initializer {name!r} in the {self.name!r} graph to replace")
+            if str(value.dtype) != tensor.dtype or tuple(value.shape) != tuple(tensor.shape):
+                raise ModelError(f"{self.path}: replacement for {name!r} is {value.dtype} {list(value.shape)}, the "
+                                 f"graph's is {tensor.dtype} {list(tensor.shape)}")
+            value = np.ascontiguousarray(value)
+            if tensor.file != graph.path:
+                external[name] = value
+            elif tensor.typed is None:
+                patched = bytearray(path.read_bytes()) if patched is None else patched
+                patched[tensor.offset:tensor.offset + tensor.nbytes] = value.tobytes()
+            else:
+                self._keep(options.add_initializer, name, value)
+        if external:
+            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+            self._initializers += [*external.values(), *values]
+            options.add_external_initializers(list(external), values)
+        if patched is None:
+            return str(path)
+        # A model read from bytes finds its external data through this folder, not the file's location.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return bytes(patched)
+
+    def _keep(self, add, name: str, value: np.ndarray) -> None:
+        """ORT reads an added initializer from `value` without copying: it lives as long as the session."""
+        ort_value = ort.OrtValue.ortvalue_from_numpy(value)
+        self._initializers += [value, ort_value]
+        add(name, ort_value)
 
     @property
     def output_names(self) -> list[str]:
@@ -97,6 +147,7 @@ class Session:
     def close(self) -> None:
         """Free the onnxruntime session now, whoever still holds this wrapper; `run` then raises."""
         self._session = self._binding = None
+        self._initializers = []
 
     def check_inputs(self, inputs: dict[str, object]) -> None:
         """Raise InputError unless `inputs` match the declared inputs in name, dtype, rank and dims."""

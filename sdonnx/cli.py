@@ -20,7 +20,7 @@ from sdonnx.errors import InputError, SdonnxError
 FLAG_FOR_FIELD = {
     "image": "--init-image", "init_image": "--init-image", "height": "--size", "width": "--size",
     "from_png": "--from-png", "model": "--model", "out": "OUT", "source": "SOURCE", "prompt": "PROMPT",
-    "crops_coords_top_left": "--crop-top-left",
+    "crops_coords_top_left": "--crop-top-left", "loras": "--lora",
 }
 
 
