@@ -7,8 +7,8 @@ and optimum's ORTStableDiffusionPipeline, on the same model, prompt, latents, si
 
 Each run is a fresh process (`workers.py`), interleaved over the systems (A B C A B C ...), so load
 time and peak RSS are the system's own and every system shares the machine's conditions. Models:
-"sd15" is the full-size SD 1.5 architecture with seeded random weights (`sd15_random.py`),
-"embedded" the trained embedded model. What the systems need is made once and cached under
+"sd15" and "sdxl" are the full-size SD 1.5 and SDXL base architectures with seeded random
+weights (`sd15_random.py`, `sdxl_random.py`), "embedded" the trained embedded model. What the systems need is made once and cached under
 --work: the sdonnx export, its quantized variants, the optimum export, and optimum's virtual
 environment (optimum-onnx 0.1.0 needs transformers < 4.58, so it cannot share ours).
 Writes OUT.json and OUT.md: medians per system, and PSNR of each image against diffusers'.
@@ -38,7 +38,8 @@ from common import CACHE, SD15_PROMPT, machine, make_variant, psnr, run_worker
 
 from sdonnx.export import ATTENTION, ExportConfig
 
-PROMPTS = {"sd15": SD15_PROMPT, "embedded": "a red circle on a blue background"}
+PROMPTS = {"sd15": SD15_PROMPT, "sdxl": SD15_PROMPT, "embedded": "a red circle on a blue background"}
+DEFAULT_SIZE = {"sd15": 256, "sdxl": 512, "embedded": 64}
 DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
 OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "diffusers==0.39.0", "accelerate")
 WORKER = Path(__file__).with_name("workers.py")
@@ -50,6 +51,10 @@ def source(model: str) -> Path:
         from sdonnx.models import EMBEDDED_MODEL
 
         return EMBEDDED_MODEL.parent / "source"
+    if model == "sdxl":
+        from sdxl_random import build
+
+        return build()
     from sd15_random import build
 
     return build()
@@ -106,7 +111,7 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     """system -> (python to run it with, job without its output paths)."""
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
-    size = args.size or (64 if args.model == "embedded" else 256)
+    size = args.size or DEFAULT_SIZE[args.model]
     common = {"prompt": PROMPTS[args.model], "size": size, "steps": args.steps, "guidance": args.guidance,
               "threads": args.threads, "latents": str(write_latents(work / f"latents-{size}.npy", size, args.seed))}
     jobs = {}
@@ -177,7 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="report path without suffix (.md and .json)")
     parser.add_argument("--model", choices=list(PROMPTS), default="sd15")
     parser.add_argument("--systems", default=DEFAULT_SYSTEMS, help="comma-separated; see the module docstring")
-    parser.add_argument("--size", type=int, default=None, help="image side (default 256 for sd15, 64 embedded)")
+    parser.add_argument("--size", type=int, default=None, help="image side (default 256 for sd15, 512 sdxl, 64 embedded)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@
 
 Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode,
 "graph_cache": a folder for its optimized-graph cache, "guidance_interval": [low, high] sigmas),
-"diffusers" (PyTorch fp32 on a diffusers folder) and "optimum" (ORTStableDiffusionPipeline on an
+"diffusers" (PyTorch fp32 on a diffusers folder: the pipeline its model_index.json names) and "optimum" (ORTStableDiffusionPipeline on an
 optimum export; run by the optimum virtual environment's Python). Every system gets the same
 starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
 (diffusers' EulerDiscreteScheduler; sdonnx's euler matches it), and the same thread count.
@@ -85,12 +85,13 @@ def _torch_pipeline_call(pipe, job: dict, timer: StepTimer, latents) -> np.ndarr
 
 def run_diffusers(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     torch.set_num_threads(job["threads"])
+    index = json.loads((Path(job["model"]) / "model_index.json").read_text())
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = DiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, **extra)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     ready = time.perf_counter() - started
