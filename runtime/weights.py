@@ -120,7 +120,10 @@ def _weight(graph: Graph, node, dequantized) -> WeightRef | None:
         ref = WeightRef(name, layout, scale, zero_point, None)
     else:
         return None
-    return ref if len(tensors[ref.initializer].shape) in (2, 4) else None
+    stored = tensors[ref.initializer]
+    if ref.scale is not None and stored.dtype not in ("uint8", "int8"):  # int4 blocks: not a weight LoRAs can change
+        return None
+    return ref if len(stored.shape) in (2, 4) else None
 
 
 def torch_shape(stored: tuple[int, ...], layout: str) -> tuple[int, ...]:
