@@ -71,6 +71,8 @@ class ExportConfig:
     # model uses trailing spacing and is not), so the user who knows the model says so.
     recommended_steps: int | None = None
     recommended_guidance: float | None = None
+    # LoRAs merged into the weights before tracing (export/lora.py): ((file, weight), ...).
+    loras: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -95,6 +97,7 @@ class ExportConfig:
             check_int("recommended_steps", self.recommended_steps, 1, 1000)
         if self.recommended_guidance is not None:
             check_real("recommended_guidance", self.recommended_guidance, 0, 50)
+        object.__setattr__(self, "loras", tuple((str(name), weight) for name, weight in self.loras))
 
     @property
     def recommended(self) -> dict[str, float]:
@@ -115,6 +118,9 @@ def export_model(config: ExportConfig) -> Manifest:
         config.out, sources={"SOURCE": config.source, "CONFIG": config.config}, overwrite=config.overwrite
     )
     _require_export_extras()
+    from sdonnx.export import lora
+
+    loras = lora.check_files(config.loras)  # missing files and bad weights fail before anything loads
     if config.dtype != "fp32":
         return _export_quantized(config)
     from sdonnx.export import graphs
@@ -127,6 +133,10 @@ def export_model(config: ExportConfig) -> Manifest:
         with _libraries_quiet(config.quiet):
             source = load_source(config.source, allow_pickle=config.allow_pickle, config=config.config)
         _check_static_shape(config.static_shape, graphs.vae_downsample(source.vae))
+        if loras:
+            baked = lora.bake(source, loras)
+            say.line(f"merged LoRAs {baked}")
+            source.description += f" + LoRAs {baked}"
         facts = _model_facts(source)
         write_pipeline_files(folder, source)
         checks, weights = _export_and_check(source, folder, config, say)

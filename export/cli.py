@@ -59,6 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of full at 512 px, same speed); fused: every attention one ONNX Runtime MultiHeadAttention op "
         "(blocked kernels on CPU and CUDA); full: diffusers' attention as traced (default %(default)s)",
     )
+    parser.add_argument("--lora", action="append", dest="lora_specs", metavar="FILE:WEIGHT",
+                        help="merge this LoRA into the weights at WEIGHT (default 1) before export; repeatable")
     parser.add_argument("--recommended-steps", type=int, metavar="N",
                         help="record the model card's steps in the manifest, the default for requests naming none")
     parser.add_argument("--recommended-guidance", type=float, metavar="G",
@@ -68,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the ExportConfig from parsed arguments and export; returns the exit status."""
-    export_model(config_from_args(ExportConfig, args, static_shape=parse_static_shape(args.static_shape)))
+    from sdonnx.runtime.cli import parse_lora
+
+    loras = tuple(parse_lora(spec) for spec in args.lora_specs or ())
+    export_model(config_from_args(ExportConfig, args, static_shape=parse_static_shape(args.static_shape), loras=loras))
     return 0
 
 

@@ -89,6 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "may name more as <lora:NAME:WEIGHT>",
     )
     generate.add_argument("--lora-dir", type=Path, metavar="DIR", help="where <lora:NAME:...> and --lora names are found")
+    generate.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                          help="textual-inversion files; each is used where its file name is a word of the prompt")
     generate.add_argument(
         "--from-png", type=Path, metavar="FILE",
         help="re-run the settings in FILE's parameters text (sdonnx or A1111); other flags override them",
@@ -143,8 +145,9 @@ def _generate(args: argparse.Namespace) -> int:
     outputs = output_paths(args.output, config.batch)
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
-    if args.lora_dir is not None and not args.lora_dir.is_dir():
-        raise InputError("lora_dir", str(args.lora_dir), "an existing folder of LoRA files")
+    for name in ("lora_dir", "embeddings_dir"):
+        if getattr(args, name) is not None and not getattr(args, name).is_dir():
+            raise InputError(name, str(getattr(args, name)), "an existing folder")
     config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
     Adapters(root, facts).prepare(requested_loras(config, args.lora_dir))
     if args.refiner is not None:
@@ -157,7 +160,8 @@ def _generate(args: argparse.Namespace) -> int:
     elif config.refiner_switch is not None:
         raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")
 
-    pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir)
+    pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
+                         embeddings_dir=args.embeddings_dir)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
     images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner)

@@ -31,7 +31,7 @@ import numpy as np
 
 from sdonnx.errors import InputError
 from sdonnx.runtime.onnx_file import Graph
-from sdonnx.runtime.weights import WeightRef, dequantize, quantize_like, to_stored, torch_shape
+from sdonnx.runtime.weights import WeightRef, dequantize, quantize_like, torch_shape
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
@@ -68,13 +68,14 @@ class LoraModule:
         """The PyTorch shape of the change: [out, in] or [out, in, kh, kw]."""
         return (self.up.shape[0], *self.down.shape[1:])
 
-    def delta(self) -> np.ndarray:
-        """(alpha / rank) * up @ down in float32, in PyTorch's layout."""
+    def delta(self, weight: float = 1.0, *, transposed: bool = False) -> np.ndarray:
+        """weight * (alpha / rank) * up @ down in float32, in PyTorch's layout ([out, in(, kh, kw)]),
+        or, `transposed`, a Linear's [in, out] (what a MatMul stores), computed as such: contiguous."""
         rank = self.down.shape[0]
-        scale = 1.0 if self.alpha is None else self.alpha / rank
-        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32)
+        scale = np.float32(weight * (1.0 if self.alpha is None else self.alpha / rank))
+        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32) * scale
         down = self.down.reshape(rank, -1).astype(np.float32)
-        return (up @ down).reshape(self.shape) * np.float32(scale)
+        return down.T @ up.T if transposed else (up @ down).reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -168,34 +169,46 @@ def check_shapes(lora: Lora, graphs: Mapping[str, Graph], maps: Mapping[str, Map
     """Every module's change must have its weight's shape: InputError naming the first that does not."""
     for m in lora.modules:
         ref = maps[m.component][m.module]
-        stored = graphs[m.component].initializers[ref.initializer].shape
-        want = torch_shape(stored, ref.layout)
-        if not _fits(m.shape, want):
-            raise InputError(field, str(lora.path), f"a LoRA for this model: module {m.key!r} changes a "
-                                                    f"{list(m.shape)} weight, this model's {m.component}."
-                                                    f"{m.module} is {list(want)} (a LoRA for another model "
-                                                    "family or size?)")
+        check_shape(lora.path, m, torch_shape(graphs[m.component].initializers[ref.initializer].shape, ref.layout),
+                    field=field)
+
+
+def check_shape(path: Path, m: LoraModule, weight: tuple[int, ...], *, field: str = "lora") -> None:
+    """InputError unless `m`'s change fits a weight of PyTorch shape `weight` (a Linear-shaped change
+    fits a 1x1 convolution, SD 1.x's proj_in/proj_out, and the reverse)."""
+    strip = lambda s: tuple(s[:2]) if len(s) == 4 and tuple(s[2:]) == (1, 1) else tuple(s)  # noqa: E731
+    if tuple(m.shape) != tuple(weight) and strip(m.shape) != strip(weight):
+        raise InputError(field, str(path), f"a LoRA for this model: module {m.key!r} changes a {list(m.shape)} "
+                                           f"weight, this model's {m.component}.{m.module} is {list(weight)} "
+                                           "(a LoRA for another model family or size?)")
 
 
 def merge(loras: Sequence[tuple[Lora, float]], graphs: Mapping[str, Graph],
           maps: Mapping[str, Mapping[str, WeightRef]]) -> dict[str, dict[str, np.ndarray]]:
     """component -> {initializer: merged tensor} for the weights the LoRAs change, in the stored
     dtype and layout (quantized weights get new integer values, scale and zero point)."""
-    deltas: dict[tuple[str, str], np.ndarray] = {}
+    changes: dict[tuple[str, str], np.ndarray] = {}  # in the stored tensor's layout
     for lora, weight in loras:
         for m in lora.modules:
-            change = m.delta() * np.float32(weight)
+            ref = maps[m.component][m.module]
+            shape = graphs[m.component].initializers[ref.initializer].shape
+            change = m.delta(weight, transposed=ref.layout == "in_out").reshape(shape)
             key = (m.component, m.module)
-            deltas[key] = deltas[key] + change if key in deltas else change
+            if key in changes:
+                changes[key] += change
+            else:
+                changes[key] = change
     merged: dict[str, dict[str, np.ndarray]] = {}
-    for (component, module), delta in deltas.items():
+    for (component, module), change in changes.items():
         ref = maps[component][module]
         tensors = graphs[component].initializers
         stored = tensors[ref.initializer]
-        change = to_stored(delta.reshape(torch_shape(stored.shape, ref.layout)), ref.layout)
         out = merged.setdefault(component, {})
         if ref.scale is None:
-            out[ref.initializer] = (stored.read().astype(np.float32) + change).astype(stored.dtype)
+            if stored.dtype == "float32":
+                out[ref.initializer] = np.add(stored.read(), change, out=change)
+            else:
+                out[ref.initializer] = (stored.read().astype(np.float32) + change).astype(stored.dtype)
             continue
         scale, zero_point = tensors[ref.scale].read(), tensors[ref.zero_point].read()
         values = dequantize(stored.read(), scale, zero_point, ref.axis) + change
@@ -203,12 +216,6 @@ def merge(loras: Sequence[tuple[Lora, float]], graphs: Mapping[str, Graph],
                                                per_channel=scale.size > 1)
         out[ref.initializer], out[ref.scale], out[ref.zero_point] = q, new_scale, new_zero.reshape(zero_point.shape)
     return merged
-
-
-def _fits(change: tuple[int, ...], weight: tuple[int, ...]) -> bool:
-    """A Linear-shaped change fits a 1x1 convolution (SD 1.x's proj_in/proj_out) and the reverse."""
-    strip = lambda s: tuple(s[:2]) if len(s) == 4 and s[2:] == (1, 1) else tuple(s)  # noqa: E731
-    return tuple(change) == tuple(weight) or strip(change) == strip(weight)
 
 
 def _aliases(component: str, modules: Iterable[str]) -> dict[str, str]:
@@ -406,19 +413,40 @@ class Adapters:
         self._parsed = parsed
         return out
 
-    def apply(self, sessions, choices: Sequence[LoraChoice]) -> None:
-        """Make `sessions` run with exactly `choices` merged in (none: the weights on disk). Only the
-        graphs whose weights change are closed (before the merge, so two copies never coexist) and
-        re-opened on their next use."""
-        key = tuple((c.path, c.path.stat().st_mtime_ns, c.weight) for c in choices)
+    def token_table(self, component: str) -> tuple[WeightRef, tuple[int, ...]]:
+        """The text encoder's token table (textual inversion): its weight and [vocabulary, width]."""
+        from sdonnx.errors import ModelError
+        from sdonnx.runtime.embeddings import TABLE
+
+        ref = self.weight_map(component).get(TABLE)
+        if ref is None:
+            raise ModelError(f"{self.root}: the {component} graph has no token table this runtime can find "
+                             "(textual inversion needs one; re-export the model with `sdonnx export`)")
+        return ref, self.graph(component).initializers[ref.initializer].shape
+
+    def apply(self, sessions, choices: Sequence[LoraChoice], rows: Mapping[str, Mapping[int, np.ndarray]] | None = None
+              ) -> None:
+        """Make `sessions` run with exactly `choices` merged in and, per text encoder, the token table
+        rows in `rows` replaced (textual inversion); none: the weights on disk. Only the graphs whose
+        weights change are closed (before the merge, so two copies never coexist) and re-opened on
+        their next use."""
+        rows = {c: r for c, r in (rows or {}).items() if r}
+        key = (tuple((c.path, c.path.stat().st_mtime_ns, c.weight) for c in choices),
+               tuple((c, tuple((i, v.tobytes()) for i, v in sorted(r.items()))) for c, r in sorted(rows.items())))
         if key == self._active:
             return
         loras = self.prepare(choices)
-        touching = {m.component for lora, _ in loras for m in lora.modules}
+        touching = {m.component for lora, _ in loras for m in lora.modules} | set(rows)
         for component in self._touched | touching:
             sessions.replace_weights(component, {})
         maps = {c: self.weight_map(c) for c in touching}
         merged = merge(loras, {c: self.graph(c) for c in touching}, maps)
+        for component, replaced in rows.items():
+            ref, _ = self.token_table(component)
+            table = self.graph(component).initializers[ref.initializer].read()
+            for row, vector in replaced.items():
+                table[row] = vector.astype(table.dtype)
+            merged.setdefault(component, {})[ref.initializer] = table
         for component, tensors in merged.items():
             sessions.replace_weights(component, tensors)
         self._touched, self._active = set(merged), key

@@ -29,6 +29,7 @@ from sdonnx.config import check_choice, check_int, check_real, is_int
 from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
+from sdonnx.runtime import embeddings
 from sdonnx.runtime.images import check_finite, decode, encode
 from sdonnx.runtime.lora import MAX_ABS_WEIGHT, Adapters, LoraChoice, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
@@ -176,11 +177,12 @@ class Pipeline:
     """
 
     def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
-                 lora_dir: Path | str | None = None):
+                 lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None):
         self.model = model
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
+        self.embeddings_dir = None if embeddings_dir is None else Path(embeddings_dir)
         self.adapters = Adapters(model.root, model.manifest)
 
     @property
@@ -196,6 +198,7 @@ class Pipeline:
         *,
         progress: bool = True,
         lora_dir: Path | str | None = None,
+        embeddings_dir: Path | str | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -204,14 +207,16 @@ class Pipeline:
         options: how the graphs run; or give RuntimeOptions' fields as keywords instead
         (provider="cpu", threads=2, ...).
         lora_dir: where LoRA names (`loras={"name": 0.8}`, `<lora:name:0.8>`) are looked up.
+        embeddings_dir: textual-inversion files, each used where its name is a word of a prompt.
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
         options = options if options is not None else RuntimeOptions(**option_fields)
-        if lora_dir is not None and not Path(lora_dir).is_dir():
-            raise InputError("lora_dir", str(lora_dir), "an existing folder of LoRA files")
+        for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir)):
+            if folder is not None and not Path(folder).is_dir():
+                raise InputError(name, str(folder), "an existing folder")
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
-        return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir)
+        return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
 
     @property
     def manifest(self) -> Manifest:
@@ -283,11 +288,28 @@ class Pipeline:
         """`config` with its init image, mask and LoRAs checked against this model (request.py,
         lora.py), no graph run."""
         memory = self.model.options.memory
+        tokenizers, rows = self._embeddings(config)
         request = check_request(self.manifest, self.model.root, memory, config, image, mask,
-                                tokenizers=self.tokenizers, loaded=self.model.sessions.opened)
+                                tokenizers=tokenizers, loaded=self.model.sessions.opened)
         loras = requested_loras(config, self.lora_dir)
         self.adapters.prepare(loras)
-        return replace(request, loras=loras)
+        return replace(request, loras=loras, tokenizers=tokenizers, rows=rows)
+
+    def _embeddings(self, config: GenerationConfig) -> tuple[Mapping[str, ClipTokenizer], dict]:
+        """The tokenizers that know the embedding words `config`'s prompts use, and the token-table
+        rows those words borrow, per text encoder (embeddings.py)."""
+        files = embeddings.named_in((config.prompt, config.negative_prompt), self.embeddings_dir)
+        if not files:
+            return self.tokenizers, {}
+        tables = {c: self.adapters.token_table(c)[1] for c in self.tokenizers}
+        found = [embeddings.read(path, {c: shape[1] for c, shape in tables.items()}) for path in files]
+        used = {i for t in self.tokenizers.values() for text in (config.prompt, config.negative_prompt)
+                for i in t.token_ids(strip_tags(text))}
+        first = self.tokenizer
+        ids = embeddings.borrow(found, used, min(shape[0] for shape in tables.values()),
+                                {first.bos_id, first.eos_id, first.pad_id})
+        rows = {c: embeddings.table_rows(found, ids, c) for c in self.tokenizers}
+        return {c: t.with_words(ids) for c, t in self.tokenizers.items()}, rows
 
     def generate(
         self,
@@ -345,9 +367,10 @@ class Pipeline:
         rng = noise_source(seed, config.rng, config.batch)  # image k: seed + k
         f = m.vae_downsample
         shape = (config.batch, m.latent_channels, request.height // f, request.width // f)
-        self.adapters.apply(self.model.sessions, request.loras)
+        self.adapters.apply(self.model.sessions, request.loras, request.rows)
         # First: a prompt over the length limit fails before any image work.
-        cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
+        cond, uncond = conditioning(self.model.sessions.use, request.tokenizers or self.tokenizers, m, config,
+                                    request.height, request.width)
         start = start_latents(
             init, config.strength, shape=shape, plan=plan, rng=rng, latents=latents,
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,

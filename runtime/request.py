@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Collection, Mapping
 
+import numpy as np
 from PIL import Image
 
 from sdonnx.config import is_int, is_real
@@ -53,7 +54,7 @@ SD_CHANNELS = {"unet": 320, "vae_decoder": 128}  # first-block widths of SD 1.x/
 class Request:
     """A request ready to run: the config (strength resolved), the image size, the opened init image
     and mask, whether the U-Net inpaints, the batch split into runs that fit in memory, and the LoRAs
-    to apply (lora.LoraChoice, checked against the model by the pipeline)."""
+    and embeddings to apply (checked against the model by the pipeline)."""
 
     config: object  # GenerationConfig (typed loosely: pipeline.py imports this module)
     height: int
@@ -63,6 +64,10 @@ class Request:
     inpainting: bool
     runs: tuple[int, ...]
     loras: tuple = ()
+    # Textual inversion: the tokenizers that know the request's embedding words, and per text
+    # encoder the token-table rows those words borrow ({} when the request names none).
+    tokenizers: Mapping[str, ClipTokenizer] | None = None
+    rows: Mapping[str, Mapping[int, np.ndarray]] = field(default_factory=dict)
 
 
 def check_request(

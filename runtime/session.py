@@ -46,13 +46,17 @@ class Session:
     `graph_cache`); `path` stays the graph's name in messages.
     initializers: tensors that replace the graph's initializers of the same names (merged LoRA
     weights); each must have the dtype and shape of the one it replaces (checked here: ONNX Runtime
-    would crash later). They must reach ONNX Runtime as part of the model, before its graph
-    optimizations: `SessionOptions.add_initializer` comes after them, and the CPU provider's NCHWc
-    transform then lays out the convolution weights from the file, not the replacement (measured on
-    ORT 1.32: a replaced Conv weight was ignored at level "all", honoured at "extended"). So a tensor
-    kept in the graph file is overwritten in a copy of the file's bytes (same size), one kept in
-    external data is handed over with `add_external_initializers`, which ORT reads in its place,
-    and only small constants stored as typed fields (a quantizer's scales) go through add_initializer.
+    would crash later). The fast way is `SessionOptions.add_initializer`, which ORT reads without a
+    copy (the session keeps the arrays), but ORT applies those after its graph optimizations, and
+    two of them read weights from the file (measured on ORT 1.32, tiny SD 1.x):
+    - the CPU NCHWc transform (level "all") lays out convolution weights: a replaced Conv weight was
+      ignored (U-Net output max|Δ| 0.67), so such a session runs without that one transform;
+    - constant folding turns fp16 weights into the fp32 ones CPU kernels need: a fp16 graph's
+      replacements were all ignored (image unchanged by the LoRA), so float16 replacements are put
+      into the model before optimization instead: overwritten in a copy of the file's bytes (same
+      size) when the graph holds them, handed over with `add_external_initializers` when external
+      data does (which ORT copies into the graph; slow: 14.6 s for the full-size SD 1.5 U-Net
+      where add_initializer took 1.6 s, 2-core Xeon, AVX-512).
     """
 
     def __init__(
@@ -71,12 +75,13 @@ class Session:
         if not self.path.is_file():
             raise ModelError(f"{self.path}: missing ONNX graph for {self.name!r}")
         self._initializers = []
-        model: str | bytes = str(load or self.path)
+        model, disabled = str(load or self.path), []
         if initializers:
             options = options or ort.SessionOptions()
-            model = self._replace(Path(model), initializers, options)
+            model, disabled = self._replace(Path(model), initializers, options)
         try:
-            self._session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
+            self._session = ort.InferenceSession(model, sess_options=options, providers=list(providers),
+                                                 disabled_optimizers=disabled)
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...), not exported
             raise ModelError(f"{self.path}: onnxruntime cannot load the {self.name!r} graph: {e}") from e
         self.inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
@@ -86,12 +91,14 @@ class Session:
             io_binding = self.providers[0] == "CUDAExecutionProvider"
         self._binding = _Binding(self._session) if io_binding else None
 
-    def _replace(self, path: Path, initializers: Mapping[str, np.ndarray], options: ort.SessionOptions) -> str | bytes:
-        """What ORT should load for `path` with `initializers` replaced (see the class docstring)."""
+    def _replace(self, path: Path, initializers: Mapping[str, np.ndarray], options: ort.SessionOptions
+                 ) -> tuple[str | bytes, list[str]]:
+        """(what ORT should load, optimizers to leave out) for `path` with `initializers` replaced,
+        after checking each against the graph (see the class docstring)."""
         from sdonnx.runtime.onnx_file import read_graph
 
         graph = read_graph(path)
-        patched, external = None, {}
+        patched, external, late = None, {}, set()
         for name, value in initializers.items():
             tensor = graph.initializers.get(name)
             if tensor is None:
@@ -100,22 +107,26 @@ class Session:
                 raise ModelError(f"{self.path}: replacement for {name!r} is {value.dtype} {list(value.shape)}, the "
                                  f"graph's is {tensor.dtype} {list(tensor.shape)}")
             value = np.ascontiguousarray(value)
-            if tensor.file != graph.path:
+            if value.dtype != np.float16 or tensor.typed is not None:
+                self._keep(options.add_initializer, name, value)
+                late.add(name)
+            elif tensor.file != graph.path:
                 external[name] = value
-            elif tensor.typed is None:
+            else:
                 patched = bytearray(path.read_bytes()) if patched is None else patched
                 patched[tensor.offset:tensor.offset + tensor.nbytes] = value.tobytes()
-            else:
-                self._keep(options.add_initializer, name, value)
         if external:
             values = [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
             self._initializers += [*external.values(), *values]
             options.add_external_initializers(list(external), values)
+        convolutions = ("Conv", "ConvInteger", "FusedConv")
+        conv = any(node.op_type in convolutions and set(node.inputs) & late for node in graph.nodes)
+        disabled = ["NchwcTransformer"] if conv else []
         if patched is None:
-            return str(path)
+            return str(path), disabled
         # A model read from bytes finds its external data through this folder, not the file's location.
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-        return bytes(patched)
+        return bytes(patched), disabled
 
     def _keep(self, add, name: str, value: np.ndarray) -> None:
         """ORT reads an added initializer from `value` without copying: it lives as long as the session."""

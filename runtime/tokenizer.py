@@ -14,8 +14,9 @@ truncated, as diffusers' pipelines do.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -32,12 +33,23 @@ _TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 class ClipTokenizer:
     """Prompts -> input_ids for the CLIP text encoder."""
 
-    def __init__(self, backend: Tokenizer, *, bos_id: int, eos_id: int, pad_id: int, max_length: int):
+    def __init__(self, backend: Tokenizer, *, bos_id: int, eos_id: int, pad_id: int, max_length: int,
+                 words: Mapping[str, Sequence[int]] | None = None):
         if max_length < 2:
             raise ModelError(f"tokenizer max_length: got {max_length}, expected at least 2 (bos and eos)")
         self.backend = backend
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.max_length = max_length
+        # Whole words that stand for fixed ids (textual-inversion names), matched before BPE.
+        self.words = dict(words or {})
+        self._words = (re.compile("|".join(rf"(?<![\w-]){re.escape(w)}(?![\w-])" for w in sorted(self.words, key=len,
+                                                                                                reverse=True)))
+                       if self.words else None)
+
+    def with_words(self, words: Mapping[str, Sequence[int]]) -> ClipTokenizer:
+        """This tokenizer with `words` (name -> ids) tokenized as those ids."""
+        return ClipTokenizer(self.backend, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id,
+                             max_length=self.max_length, words=words)
 
     @classmethod
     def from_folder(cls, folder: Path | str, max_length: int) -> ClipTokenizer:
@@ -73,7 +85,14 @@ class ClipTokenizer:
 
     def token_ids(self, prompt: str) -> list[int]:
         """The BPE ids of `prompt`, without bos/eos and untruncated."""
-        return self.backend.encode(prompt, add_special_tokens=False).ids
+        if self._words is None:
+            return self.backend.encode(prompt, add_special_tokens=False).ids
+        ids, start = [], 0
+        for match in self._words.finditer(prompt):
+            ids += self.backend.encode(prompt[start:match.start()], add_special_tokens=False).ids
+            ids += list(self.words[match[0]])
+            start = match.end()
+        return ids + self.backend.encode(prompt[start:], add_special_tokens=False).ids
 
     def frame(self, ids: Sequence[int]) -> list[int]:
         """[bos] + ids (truncated to fit) + [eos], padded to max_length."""

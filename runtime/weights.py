@@ -10,7 +10,8 @@ module (`/unet/down_blocks.0/.../to_q/MatMul`), and the node's op says the layou
 Layouts (of the stored tensor, relative to PyTorch's weight):
 - "in_out": a Linear's weight transposed, [in, out] (MatMul's B; Gemm's B without transB);
 - "out_in": as PyTorch, [out, in] (Gemm with transB=1);
-- "conv": as PyTorch, [out, in, kh, kw].
+- "conv": as PyTorch, [out, in, kh, kw];
+- "rows": an embedding table as PyTorch, [vocabulary, width] (Gather's data; textual inversion).
 A quantized weight (ONNX Runtime's quantizers) is an integer tensor with a scale and zero point:
 value = (q - zero_point) * scale, per tensor or per channel along `axis`.
 """
@@ -25,7 +26,7 @@ import numpy as np
 from sdonnx.errors import ModelError
 from sdonnx.runtime.onnx_file import Graph
 
-LAYOUTS = ("in_out", "out_in", "conv")
+LAYOUTS = ("in_out", "out_in", "conv", "rows")
 # Our export traces each model inside a wrapper whose attribute is one of these; optimum's has none.
 _WRAPPERS = ("unet", "text_encoder", "text_encoder_2")
 _TEXT_MODEL = "text_model."  # transformers' CLIPTextModel(WithProjection) keeps its transformer here
@@ -87,14 +88,22 @@ def derive(graph: Graph) -> dict[str, WeightRef]:
         path = module_path(node.name)
         if node.op_type not in _READERS or len(node.inputs) < 2 or path is None:
             continue
-        ref = _weight(graph, node, dequantized)
+        ref = _table(graph, node) if node.op_type == "Gather" else _weight(graph, node, dequantized)
         if ref is None:
             continue
         found[path] = None if path in found and found[path] != ref else ref
     return {path: ref for path, ref in found.items() if ref is not None}
 
 
-_READERS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger")
+_READERS = ("MatMul", "Gemm", "Conv", "MatMulInteger", "ConvInteger", "Gather")
+
+
+def _table(graph: Graph, node) -> WeightRef | None:
+    """An embedding module's table: a float initializer Gather reads rows of (axis 0)."""
+    tensor = graph.initializers.get(node.inputs[0])
+    if tensor is None or tensor.dtype not in _FLOAT or len(tensor.shape) != 2 or node.ints.get("axis", 0) != 0:
+        return None
+    return WeightRef(tensor.name, "rows")
 
 
 def _weight(graph: Graph, node, dequantized) -> WeightRef | None:
@@ -129,11 +138,6 @@ def _weight(graph: Graph, node, dequantized) -> WeightRef | None:
 def torch_shape(stored: tuple[int, ...], layout: str) -> tuple[int, ...]:
     """The PyTorch weight's shape for a stored tensor of `stored` shape."""
     return (stored[1], stored[0]) if layout == "in_out" else tuple(stored)
-
-
-def to_stored(delta: np.ndarray, layout: str) -> np.ndarray:
-    """A change in PyTorch's layout, in the stored tensor's."""
-    return delta.T if layout == "in_out" else delta
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:

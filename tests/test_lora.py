@@ -152,25 +152,40 @@ def test_img2img_with_a_lora_matches_diffusers(references, pipelines, tmp_path):
     assert np.abs(np.asarray(got, dtype=np.float64) / 255 - expected).max() <= TOLERANCE
 
 
-def test_int8_graph_with_a_lora_stays_close_to_diffusers(references, tiny_exports, tmp_path):
-    """Merged into the int8 U-Net and text encoder: dequantized, changed, requantized. Floor measured
-    on the tiny sd1: see INT8_FLOOR_DB."""
+@pytest.mark.parametrize("recipe", ["int8", "fp16"])
+def test_quantized_graphs_with_a_lora_stay_close_to_diffusers(references, tiny_exports, tmp_path, recipe):
+    """Merged into the quantized U-Net and text encoder (int8: dequantized, changed, requantized in the
+    graph's own scheme). Floors measured on the tiny sd1: QUANTIZED_FLOOR_DB."""
     from sdonnx.quantize import QuantizeConfig, quantize_model
 
-    int8 = tmp_path / "int8"
-    quantize_model(QuantizeConfig(model=str(tiny_exports["sd1"]), out=int8, recipe="int8", quiet=True))
-    pipe = Pipeline.load(int8, provider="cpu", progress=False)
-    assert pipe.manifest.graphs["unet"].weights, "quantize records the int8 graph's weight map"
-    lora = lora_files.write_kohya(tmp_path / "a.safetensors", references["sd1"])
+    out = tmp_path / recipe
+    quantize_model(QuantizeConfig(model=str(tiny_exports["sd1"]), out=out, recipe=recipe, quiet=True))
+    pipe = Pipeline.load(out, provider="cpu", progress=False)
+    assert pipe.manifest.graphs["unet"].weights, "quantize records the converted graph's weight map"
+    lora = lora_files.write_kohya(tmp_path / "a.safetensors", references["sd1"], conv=True, scale=0.2)
     x = latents(pipe)
     expected = oracle_image(references["sd1"], [(lora, 1.0)], x)
     with_lora, plain = ours(pipe, x, loras={str(lora): 1.0}), ours(pipe, x)
     psnr = 10 * np.log10(1 / np.mean((with_lora - expected) ** 2))
-    assert psnr >= INT8_FLOOR_DB, f"{psnr:.1f} dB"
-    assert np.abs(with_lora - plain).max() >= MOVES
+    without = 10 * np.log10(1 / np.mean((plain - expected) ** 2))
+    assert psnr >= QUANTIZED_FLOOR_DB[recipe], f"{psnr:.1f} dB"
+    assert psnr >= without + 10, f"the LoRA brought the image only from {without:.1f} to {psnr:.1f} dB"
 
 
-INT8_FLOOR_DB = 30.0
+# Measured: int8 44.0 dB with the LoRA (24.9 without), fp16 58.6 dB (25.2 without).
+QUANTIZED_FLOOR_DB = {"int8": 40.0, "fp16": 50.0}
+
+
+def test_static_int8_graphs_refuse_loras_with_a_way_out(references, tiny_exports, tmp_path):
+    """QDQ graphs are refused: ORT's QDQ transforms read weights while optimizing, where a late
+    replacement would not reach them."""
+    from sdonnx.quantize import QuantizeConfig, quantize_model
+
+    out = tmp_path / "static"
+    quantize_model(QuantizeConfig(model=str(tiny_exports["sd1"]), out=out, recipe="int8-static", quiet=True))
+    lora = lora_files.write_kohya(tmp_path / "a.safetensors", references["sd1"], text=False)
+    with pytest.raises(InputError, match="sdonnx export --lora"):
+        Pipeline.load(out, provider="cpu", progress=False)("x", loras={str(lora): 1.0}, steps=1)
 
 
 def test_export_records_the_weight_map_the_graph_implies(tiny_exports):
@@ -251,3 +266,30 @@ def test_cli_tag_writes_lora_hashes_and_from_png_reapplies_them(references, tiny
     assert np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
     assert main(["generate", "a cube", *common, "--lora", f"{lora}:0.7", "-o", str(plain)]) == 0
     assert np.array_equal(np.asarray(Image.open(plain)), pixels[0])
+
+
+def test_export_bakes_a_lora_into_the_graphs(references, tiny_sources, pipelines, tmp_path):
+    from sdonnx.cli import main
+    from sdonnx.runtime.manifest import Manifest
+
+    lora = lora_files.write_kohya(tmp_path / "a.safetensors", references["sd1"], conv=True, scale=0.2)
+    out = tmp_path / "baked"
+    assert main(["export", str(tiny_sources["sd1"]), str(out), "--quiet", "--lora", f"{lora}:0.6"]) == 0
+    assert "a.safetensors:0.6" in Manifest.read(out).source
+    baked = Pipeline.load(out, provider="cpu", progress=False)
+    x = latents(baked)
+    at_load = ours(pipelines["sd1"], x, loras={str(lora): 0.6})
+    assert np.abs(ours(baked, x) - at_load).max() <= TOLERANCE
+    assert np.abs(ours(baked, x) - oracle_image(references["sd1"], [(lora, 0.6)], x)).max() <= TOLERANCE
+
+
+def test_export_refuses_a_missing_or_mismatched_lora_before_writing(references, tiny_sources, tmp_path):
+    from sdonnx.export import ExportConfig, export_model
+
+    with pytest.raises(InputError, match="lora"):
+        export_model(ExportConfig(tiny_sources["sd1"], tmp_path / "a", quiet=True,
+                                  loras=((str(tmp_path / "none.safetensors"), 1.0),)))
+    sd2_lora = lora_files.write_kohya(tmp_path / "sd2.safetensors", references["sd2"], text=False)
+    with pytest.raises(InputError, match="another model family"):
+        export_model(ExportConfig(tiny_sources["sd1"], tmp_path / "b", quiet=True, loras=((str(sd2_lora), 1.0),)))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
