@@ -12,7 +12,9 @@ The text encoder and the VAE are the teacher's, unchanged.
     sdonnx export build/lcm/source build/lcm/onnx
     sdonnx generate "a red circle on a blue background" -m build/lcm/onnx --sampler lcm --steps 4 --guidance 1
 
-Writes OUT/source (a diffusers folder), OUT/distill-loss.csv and OUT/distill-report.json.
+Writes OUT/source (a diffusers folder), OUT/distill-loss.csv and OUT/distill-report.json. With
+`--lora-rank R` the teacher stays frozen and a rank-R LoRA learns the consistency model instead
+(LCM-LoRA, Luo et al. 2023b): OUT/lcm.safetensors, applied with `<lora:lcm:1>`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sdonnx.errors import InputError
 from sdonnx.files import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.draw import caption
+from sdonnx.models.lora import add_adapters, save_kohya
 from sdonnx.models.train import (
     SCHEDULE, TrainConfig, _config_record, _loss_log, alphas_cumprod, encode_drawings, update_average, write_source,
 )
@@ -55,11 +58,16 @@ class DistillConfig:
     guidance: float = 5.0
     ema_decay: float = 0.95
     drawings: int = 20000
+    # > 0: train a LoRA of this rank on the frozen teacher (LCM-LoRA) instead of the whole U-Net, and
+    # write OUT/lcm.safetensors (kohya layout) instead of OUT/source.
+    lora_rank: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "drawings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InputError(name, getattr(self, name), "an int >= 1")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise InputError("lora_rank", self.lora_rank, "an int >= 0 (0: distill the whole U-Net)")
         if not self.learning_rate > 0:
             raise InputError("learning_rate", self.learning_rate, "a number > 0")
         if not self.guidance >= 1:
@@ -95,9 +103,11 @@ def distill(config: DistillConfig) -> Path:
     text_encoder = CLIPTextModel.from_pretrained(teacher_path / "text_encoder").float().eval()
     teacher = UNet2DConditionModel.from_pretrained(teacher_path / "unet").float().eval()
     student = copy.deepcopy(teacher).train()
-    target = copy.deepcopy(teacher).eval()
+    adapters = add_adapters(student, config.lora_rank) if config.lora_rank else None
+    target = copy.deepcopy(student).eval()
     for module in (vae, text_encoder, teacher, target):
         module.requires_grad_(False)
+    trained = [p for p in student.parameters() if p.requires_grad]
     scaling = vae.config.scaling_factor
 
     started = time.monotonic()
@@ -115,7 +125,7 @@ def distill(config: DistillConfig) -> Path:
     def x0_from_eps(x, eps, a):
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=0.0)
     started = time.monotonic()
     log, writer = _loss_log(out / "distill-loss.csv", ["step", "loss"])
     with log:
@@ -150,7 +160,7 @@ def distill(config: DistillConfig) -> Path:
             loss = (((prediction - goal) ** 2 + HUBER_C**2).sqrt() - HUBER_C).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             optimizer.step()
             update_average([target], list(student.parameters()), config.ema_decay)
             writer.writerow([step, f"{loss.item():.6g}"])
@@ -160,10 +170,13 @@ def distill(config: DistillConfig) -> Path:
         "encode_seconds": encode_seconds,
         "train_seconds": round(time.monotonic() - started, 1),
     }
+    (out / "distill-report.json").write_text(json.dumps(report, indent=2) + "\n")
     # The EMA copy is the consistency model LCM ships (the student's noisier weights are discarded).
+    if adapters is not None:
+        ema = {name: target.get_submodule(name) for name in adapters}
+        return save_kohya(ema, out / "lcm.safetensors")
     with staged_folder(out / "source", overwrite=True) as folder:
         write_source(folder, text_encoder, target, vae)
-    (out / "distill-report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out / "source"
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from sdonnx.errors import InputError
 from sdonnx.models.draw import evaluation_prompts
 from sdonnx.models.judge import accuracy, judge
-from sdonnx.runtime.cli import parse_interval
+from sdonnx.runtime.cli import parse_interval, parse_lora
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
 from sdonnx.runtime.sampling import SAMPLERS
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[Score]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-interval", metavar="LOW,HIGH", default=None, help="sigmas where CFG applies")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lora", action="append", dest="lora_specs", metavar="FILE:WEIGHT",
+                        help="apply this LoRA to every image (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
     args = parser.parse_args(argv)
     samplers = args.samplers.split(",")
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[Score]:
     options = {"threads": args.threads} if args.threads else {}
     pipe = Pipeline.load(args.model, progress=False, **options)
     settings = {"guidance_interval": parse_interval(args.guidance_interval)} if args.guidance_interval else {}
+    if args.lora_specs:
+        settings["loras"] = tuple(parse_lora(spec) for spec in args.lora_specs)
     scores = []
     for name in samplers:
         scores.append(score(pipe, name, prompts=args.prompts, steps=args.steps, guidance=args.guidance,

@@ -149,7 +149,7 @@ def _generate(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None and not getattr(args, name).is_dir():
             raise InputError(name, str(getattr(args, name)), "an existing folder")
     config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
-    Adapters(root, facts).prepare(requested_loras(config, args.lora_dir))
+    Adapters(root, facts).prepare(requested_loras(config, args.lora_dir, root))
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:

@@ -35,6 +35,7 @@ from sdonnx.runtime.weights import WeightRef, dequantize, quantize_like, torch_s
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
+MODEL_LORAS = "loras"  # a model folder's own LoRAs, found by name without a LoRA folder
 MAX_ABS_WEIGHT = 10.0  # A1111 takes any float; past a few units every LoRA only breaks the image
 # The part of a key that says what the tensor is, after the module path.
 _PARTS = {
@@ -320,10 +321,13 @@ def available(lora_dir: Path | None) -> dict[str, Path]:
     return {p.stem: p for p in reversed(files)}  # the first in sorted order wins a duplicate stem
 
 
-def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None) -> tuple[LoraChoice, ...]:
+def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None,
+           model_root: Path | None = None) -> tuple[LoraChoice, ...]:
     """(name or path, weight, field) -> the LoRAs to apply. A name resolves against `lora_dir` (by file
-    stem, subfolders included), a path (with a suffix or a folder) against `lora_dir` then as given.
+    stem, subfolders included), then the model folder's own `loras/` (the embedded model ships its
+    LCM-LoRA there); a path (with a suffix or a folder) against `lora_dir`, then as given.
     Weight 0 switches a LoRA off; one file asked for twice gets the sum of its weights."""
+    own = None if model_root is None else Path(model_root) / MODEL_LORAS
     found = None
     chosen: dict[Path, LoraChoice] = {}
     for name, weight, field in requested:
@@ -335,10 +339,10 @@ def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None) -
             candidates = ([Path(lora_dir) / as_path] if inside else []) + [as_path]
             path = next((p for p in candidates if p.is_file()), None)
         else:
-            found = available(lora_dir) if found is None else found
+            found = {**available(own), **available(lora_dir)} if found is None else found
             path = found.get(name)
         if path is None:
-            names = sorted(available(lora_dir))
+            names = sorted({**available(own), **available(lora_dir)})
             where = (f"--lora-dir {lora_dir} (it holds {', '.join(names[:20]) or 'no LoRA files'}"
                      f"{', ...' if len(names) > 20 else ''})" if lora_dir is not None else "no --lora-dir given")
             raise InputError(field, name, f"a LoRA file, or the name of one in the LoRA folder; {where}")

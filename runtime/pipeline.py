@@ -291,7 +291,7 @@ class Pipeline:
         tokenizers, rows = self._embeddings(config)
         request = check_request(self.manifest, self.model.root, memory, config, image, mask,
                                 tokenizers=tokenizers, loaded=self.model.sessions.opened)
-        loras = requested_loras(config, self.lora_dir)
+        loras = requested_loras(config, self.lora_dir, self.model.root)
         self.adapters.prepare(loras)
         return replace(request, loras=loras, tokenizers=tokenizers, rows=rows)
 
@@ -467,10 +467,11 @@ class Pipeline:
         return latent
 
 
-def requested_loras(config: GenerationConfig, lora_dir: Path | None) -> tuple[LoraChoice, ...]:
+def requested_loras(config: GenerationConfig, lora_dir: Path | None, model_root: Path | None = None
+                    ) -> tuple[LoraChoice, ...]:
     """The LoRAs `config` asks for: its prompt's <lora:NAME:WEIGHT> tags, then its `loras`."""
     return choose([(name, weight, "prompt") for name, weight in lora_tags(config.prompt)]
-                  + [(name, weight, "loras") for name, weight in config.loras], lora_dir)
+                  + [(name, weight, "loras") for name, weight in config.loras], lora_dir, model_root)
 
 
 def _without_loras(config: GenerationConfig) -> GenerationConfig:

@@ -293,3 +293,41 @@ def test_export_refuses_a_missing_or_mismatched_lora_before_writing(references, 
     with pytest.raises(InputError, match="another model family"):
         export_model(ExportConfig(tiny_sources["sd1"], tmp_path / "b", quiet=True, loras=((str(sd2_lora), 1.0),)))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_trained_adapters_are_saved_as_the_runtime_reads_them(references, pipelines, tmp_path):
+    """models/lora.py (what the embedded LCM-LoRA is trained with): the adapted torch U-Net and the
+    runtime with the saved file draw the same image."""
+    from sdonnx.models.lora import add_adapters, save_kohya
+
+    reference = copy.deepcopy(references["sd1"])
+    adapters = add_adapters(reference.unet, rank=4, alpha=2.0)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for adapted in adapters.values():
+            adapted.up.weight.normal_(0, 0.2, generator=generator)
+    path = save_kohya(adapters, tmp_path / "trained.safetensors", dtype=torch.float32)
+    pipe = pipelines["sd1"]
+    x = latents(pipe)
+    oracle = copy.deepcopy(reference)
+    oracle.scheduler = diffusers.EulerDiscreteScheduler.from_config(oracle.scheduler.config)
+    expected = oracle(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      latents=torch.from_numpy(x), output_type="np").images[0]
+    got = ours(pipe, x, loras={str(path): 1.0})
+    assert np.abs(got - expected).max() <= TOLERANCE
+    assert np.abs(got - ours(pipe, x)).max() >= MOVES
+
+
+def test_a_model_folders_own_loras_are_found_by_name(references, tiny_exports, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_exports["sd1"], folder)
+    lora = lora_files.write_kohya(tmp_path / "own.safetensors", references["sd1"])
+    (folder / "loras").mkdir()
+    shutil.copy(lora, folder / "loras" / "own.safetensors")
+    pipe = Pipeline.load(folder, provider="cpu", progress=False)
+    x = latents(pipe)
+    by_name = np.asarray(pipe("a cube <lora:own:0.5>", latents=x, steps=2, seed=0)[0])
+    by_path = np.asarray(pipe("a cube", latents=x, steps=2, seed=0, loras={str(lora): 0.5})[0])
+    assert np.array_equal(by_name, by_path)
