@@ -321,6 +321,12 @@ def available(lora_dir: Path | None) -> dict[str, Path]:
     return {p.stem: p for p in reversed(files)}  # the first in sorted order wins a duplicate stem
 
 
+def check_weight(name: str, weight: object, field: str = "loras") -> None:
+    """InputError unless `weight` is a number in [-MAX_ABS_WEIGHT, MAX_ABS_WEIGHT] (NaN included)."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_ABS_WEIGHT:
+        raise InputError(f"{field}: {name}", weight, f"a LoRA weight in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
+
+
 def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None,
            model_root: Path | None = None) -> tuple[LoraChoice, ...]:
     """(name or path, weight, field) -> the LoRAs to apply. A name resolves against `lora_dir` (by file
@@ -331,8 +337,7 @@ def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None,
     found = None
     chosen: dict[Path, LoraChoice] = {}
     for name, weight, field in requested:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_ABS_WEIGHT:
-            raise InputError(f"{field}: {name}", weight, f"a LoRA weight in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
+        check_weight(name, weight, field)
         as_path = Path(name)
         if as_path.suffix or len(as_path.parts) > 1:
             inside = lora_dir is not None and not as_path.is_absolute()

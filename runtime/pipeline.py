@@ -31,7 +31,7 @@ from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
 from sdonnx.runtime import embeddings
 from sdonnx.runtime.images import check_finite, decode, encode
-from sdonnx.runtime.lora import MAX_ABS_WEIGHT, Adapters, LoraChoice, choose
+from sdonnx.runtime.lora import Adapters, LoraChoice, check_weight, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
@@ -152,14 +152,13 @@ PAIR_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negativ
 
 
 def _loras(value: object) -> tuple[tuple[str, float], ...]:
-    """{name: weight} or ((name, weight), ...) -> ((name, weight), ...); weights checked by lora.choose."""
+    """{name: weight} or ((name, weight), ...) -> ((name, weight), ...), each weight checked."""
     pairs = list(value.items()) if isinstance(value, Mapping) else value
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, (list, tuple)) or not all(
             isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (str, Path)) for p in pairs):
         raise InputError("loras", value, "{file or name: weight, ...}")
     for name, weight in pairs:
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not abs(weight) <= MAX_ABS_WEIGHT:
-            raise InputError(f"loras: {name}", weight, f"a LoRA weight in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
+        check_weight(name, weight)
     return tuple((str(name), float(weight)) for name, weight in pairs)
 
 
