@@ -33,7 +33,7 @@ from sdonnx.errors import InputError
 from sdonnx.files import staged_folder
 from sdonnx.models import CLIP_TOKENIZER
 from sdonnx.models.draw import caption
-from sdonnx.models.lora import add_adapters, save_kohya
+from sdonnx.models.lora import TARGETS, add_adapters, save_kohya
 from sdonnx.models.train import (
     SCHEDULE, TrainConfig, _config_record, _loss_log, alphas_cumprod, encode_drawings, update_average, write_source,
 )
@@ -61,6 +61,8 @@ class DistillConfig:
     # > 0: train a LoRA of this rank on the frozen teacher (LCM-LoRA) instead of the whole U-Net, and
     # write OUT/lcm.safetensors (kohya layout) instead of OUT/source.
     lora_rank: int = 0
+    # Comma-separated kinds of layer the LoRA adapts (models/lora.py TARGETS).
+    lora_targets: str = "attention,ff,resnets"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "drawings"):
@@ -68,6 +70,9 @@ class DistillConfig:
                 raise InputError(name, getattr(self, name), "an int >= 1")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise InputError("lora_rank", self.lora_rank, "an int >= 0 (0: distill the whole U-Net)")
+        unknown = sorted(set(self.lora_targets.split(",")) - set(TARGETS))
+        if unknown or not self.lora_targets:
+            raise InputError("lora_targets", self.lora_targets, f"a comma-separated list of {', '.join(TARGETS)}")
         if not self.learning_rate > 0:
             raise InputError("learning_rate", self.learning_rate, "a number > 0")
         if not self.guidance >= 1:
@@ -103,7 +108,8 @@ def distill(config: DistillConfig) -> Path:
     text_encoder = CLIPTextModel.from_pretrained(teacher_path / "text_encoder").float().eval()
     teacher = UNet2DConditionModel.from_pretrained(teacher_path / "unet").float().eval()
     student = copy.deepcopy(teacher).train()
-    adapters = add_adapters(student, config.lora_rank) if config.lora_rank else None
+    kinds = tuple(config.lora_targets.split(","))
+    adapters = add_adapters(student, config.lora_rank, kinds=kinds) if config.lora_rank else None
     target = copy.deepcopy(student).eval()
     for module in (vae, text_encoder, teacher, target):
         module.requires_grad_(False)
@@ -184,7 +190,7 @@ def parse_args(argv: list[str] | None = None) -> DistillConfig:
     parser = argparse.ArgumentParser(prog="python -m sdonnx.models.distill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights, loss log and report")
     parser.add_argument("--teacher", type=Path, default=EMBEDDED_SOURCE, help="diffusers folder (default: embedded)")
-    types = {int: int, float: float}
+    types = {int: int, float: float, str: str}
     for field in fields(DistillConfig):
         if field.name not in ("out", "teacher"):
             parser.add_argument("--" + field.name.replace("_", "-"), type=types[type(field.default)],

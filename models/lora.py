@@ -13,8 +13,12 @@ from pathlib import Path
 
 import torch
 
-# The modules adapted: those kohya's LoCon-style training targets in an SD U-Net.
-_TARGETS = (".attn1.", ".attn2.", ".ff.", ".resnets.", ".proj_in", ".proj_out")
+# The modules adapted, by kind: those kohya's LoCon-style training targets in an SD U-Net.
+TARGETS = {
+    "attention": (".attn1.", ".attn2.", ".proj_in", ".proj_out"),
+    "ff": (".ff.",),
+    "resnets": (".resnets.",),
+}
 
 
 class Adapted(torch.nn.Module):
@@ -36,11 +40,13 @@ class Adapted(torch.nn.Module):
         return self.base(x, *args, **kwargs) + self.scale * self.up(self.down(x))
 
 
-def add_adapters(unet: torch.nn.Module, rank: int, alpha: float | None = None) -> dict[str, Adapted]:
-    """Adapt `unet` in place (its own weights frozen); the adapters by module path."""
+def add_adapters(unet: torch.nn.Module, rank: int, alpha: float | None = None,
+                 kinds: tuple[str, ...] = tuple(TARGETS)) -> dict[str, Adapted]:
+    """Adapt the `kinds` (keys of TARGETS) of `unet` in place (its own weights frozen); the adapters by module path."""
     unet.requires_grad_(False)
+    targets = [t for kind in kinds for t in TARGETS[kind]]
     chosen = [(name, m) for name, m in unet.named_modules()
-              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(t in f".{name}" for t in _TARGETS)
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(t in f".{name}" for t in targets)
               and not name.endswith("time_emb_proj")]
     adapters = {}
     for name, module in chosen:
