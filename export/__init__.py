@@ -1,4 +1,5 @@
-"""`sdonnx export`: a diffusers folder, hub id or single-file checkpoint to a checked ONNX folder.
+"""`sdonnx export`: a diffusers folder, hub id or single-file checkpoint to a checked ONNX folder
+(a ControlNet SOURCE to a ControlNet folder: export/controlnet.py).
 
 The folder has optimum's layout (text_encoder/, unet/, vae_encoder/, vae_decoder/ with model.onnx and
 config.json; tokenizer/, scheduler/, model_index.json; SDXL adds text_encoder_2/ and tokenizer_2/, and
@@ -118,7 +119,10 @@ def export_model(config: ExportConfig) -> Manifest:
         config.out, sources={"SOURCE": config.source, "CONFIG": config.config}, overwrite=config.overwrite
     )
     _require_export_extras()
-    from sdonnx.export import lora
+    from sdonnx.export import controlnet, lora
+
+    if controlnet.is_controlnet(config.source):
+        return controlnet.export_controlnet(config)
 
     loras = lora.check_files(config.loras)  # missing files and bad weights fail before anything loads
     if config.dtype != "fp32":
@@ -185,7 +189,7 @@ def _export_and_check(
         say.part(f"{name}: exporting…")
         graph = graphs.build_graph(name, source, trace, probe, static=config.static_shape is not None,
                                    attention=config.attention)
-        reference, feeds = graph.reference(), graph.feeds()
+        cases = graph.cases()
         path = folder / name / "model.onnx"
         graphs.export_graph(graph, path, opset=config.opset)
         del graph
@@ -194,7 +198,7 @@ def _export_and_check(
         graphs.release(source, name, names[i + 1:])
         gc.collect()
         say.part(" checking…")
-        parity = check_graph(name, path, feeds, reference, min_psnr=config.min_psnr)
+        parity = check_graph(name, path, cases, min_psnr=config.min_psnr)
         checks[name] = parity.as_dict()
         seconds = time.perf_counter() - started
         say.line(f" max|Δ| {parity.max_abs_diff:.1e} PSNR {parity.psnr_db:.0f} dB ({seconds:.1f} s)")
@@ -282,9 +286,9 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], weights: dict[
 
     graphs = {}
     for name in (c for c in COMPONENTS if (folder / c / "model.onnx").is_file()):
-        inputs, outputs = io_specs(folder / name / "model.onnx")
+        inputs, outputs, optional = io_specs(folder / name / "model.onnx")
         graphs[name] = GraphSpec(f"{name}/model.onnx", inputs, outputs, precision="fp32", check=checks[name],
-                                 weights=weights.get(name))
+                                 weights=weights.get(name), optional=optional)
     files = {
         path.relative_to(folder).as_posix(): sha256_file(path)
         for path in staged_files(folder)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import types
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +42,41 @@ _OWNER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "u
           "vae_decoder": "vae"}
 # SDXL's encoder outputs, as optimum names them: .0 the embeddings, .N the last layer (no final layer norm).
 HIDDEN_STATES_OUTPUT = "hidden_states.{}"
+# ControlNet residuals: outputs of a ControlNet graph and optional inputs of every U-Net graph, as
+# the existing ONNX ControlNet exports (OnnxStack, Olive) name them.
+DOWN_RESIDUAL = "down_block_{}_additional_residual"
+MID_RESIDUAL = "mid_block_additional_residual"
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One ControlNet residual: its name, channels, and how many times smaller than the latent it is."""
+
+    name: str
+    channels: int
+    downsample: int
+
+    def size(self, latent: tuple[int, int]) -> tuple[int, int]:
+        """Its (h, w) for a latent of (h, w): each stride-2 downsampler gives ceil(side / 2)."""
+        h, w = latent
+        for _ in range(self.downsample.bit_length() - 1):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+
+def residuals(unet: torch.nn.Module) -> tuple[Residual, ...]:
+    """The residuals a ControlNet adds to `unet` (a diffusers UNet2DConditionModel or ControlNetModel,
+    which mirror each other), in diffusers' order: conv_in's output, each down block's resnets and
+    downsampler, then the mid block's."""
+    channels = unet.config.block_out_channels
+    found, factor = [(channels[0], 1)], 1
+    for i, block in enumerate(unet.down_blocks):
+        found += [(channels[i], factor)] * len(block.resnets)
+        if getattr(block, "downsamplers", None):
+            factor *= 2
+            found.append((channels[i], factor))
+    down = tuple(Residual(DOWN_RESIDUAL.format(i), c, f) for i, (c, f) in enumerate(found))
+    return (*down, Residual(MID_RESIDUAL, channels[-1], factor))
 
 
 @dataclass(frozen=True)
@@ -71,15 +106,24 @@ class Graph:
     dynamic_axes: dict[str, dict[int, str]]
     trace_inputs: tuple[torch.Tensor, ...]
     check_inputs: tuple[torch.Tensor, ...]
+    # Inputs the graph may go without (the U-Net's ControlNet residuals): channels of each, whose
+    # default is zeros [1, channels, 1, 1] (`add_optional_defaults`).
+    optional: dict[str, int] = field(default_factory=dict)
 
-    def reference(self) -> dict[str, np.ndarray]:
-        """PyTorch's outputs on the check inputs, computed while the module is alive."""
+    def cases(self) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(ONNX feeds, PyTorch's outputs) on the check inputs, and without the optional inputs when
+        there are some; computed while the module is alive."""
+        feeds = {name: t.numpy() for name, t in zip(self.input_names, self.check_inputs)}
+        cases = [feeds]
+        if self.optional:
+            cases.append({k: v for k, v in feeds.items() if k not in self.optional})
+        return [(case, self._reference(case)) for case in cases]
+
+    def _reference(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        given = dict(zip(self.input_names, self.check_inputs))
         with torch.no_grad():
-            outputs = self.module(*self.check_inputs)
+            outputs = self.module(**{name: given[name] for name in feeds})
         return {name: t.numpy() for name, t in zip(self.output_names, outputs)}
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        return {name: t.numpy() for name, t in zip(self.input_names, self.check_inputs)}
 
 
 class _Wrapper(torch.nn.Module):
@@ -180,37 +224,57 @@ class _SdxlTextEncoder(_Wrapper):
 
 
 class _UNet(_Wrapper):
-    """SD's U-Net; with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6]."""
+    """SD's U-Net; with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6];
+    then the ControlNet residuals, optional (zeros when not fed)."""
 
     output_names = ("out_sample",)
 
-    def __init__(self, source: SourceModel):
+    def __init__(self, source: SourceModel, controlnet: bool = True):
         super().__init__()
         self.unet = source.unet
         self.num_train_timesteps = int(source.scheduler_config.get("num_train_timesteps", 1000))
         self.text_time = source.text_time
+        self.residuals = residuals(self.unet) if controlnet else ()
         extra = ("text_embeds", "time_ids") if self.text_time is not None else ()
-        self.input_names = ("sample", "timestep", "encoder_hidden_states", *extra)
+        self.input_names = ("sample", "timestep", "encoder_hidden_states", *extra, *(r.name for r in self.residuals))
+        # Each residual's dims are its own: its zero default [1, C, 1, 1] broadcasts where a fed one matches.
         self.dynamic_axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
                              "encoder_hidden_states": {0: "batch_size", 1: SEQUENCE},
                              **{name: {0: "batch_size"} for name in extra},
+                             **{r.name: {0: f"{r.name}_batch", 2: f"{r.name}_height", 3: f"{r.name}_width"}
+                                for r in self.residuals},
                              "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+
+    @property
+    def optional(self) -> dict[str, int]:
+        return {r.name: r.channels for r in self.residuals}
 
     def example(self, probe, generator):
         config, batch = self.unet.config, 2 * probe.batch
         sample = torch.randn((batch, config.in_channels, *probe.latent_size), generator=generator)
         timestep = torch.rand((), generator=generator) * self.num_train_timesteps
         context = torch.randn((batch, probe.context_length, config.cross_attention_dim), generator=generator)
-        if self.text_time is None:
-            return sample, timestep, context
-        text_embeds = torch.randn((batch, self.text_time.text_embeds_dim), generator=generator)
-        # Sizes and crop offsets in pixels (or an aesthetic score): the sinusoidal embedding sees 0..1024.
-        time_ids = torch.rand((batch, self.text_time.time_id_count), generator=generator) * 1024
-        return sample, timestep, context, text_embeds, time_ids
+        added = ()
+        if self.text_time is not None:
+            text_embeds = torch.randn((batch, self.text_time.text_embeds_dim), generator=generator)
+            # Sizes and crop offsets in pixels (or an aesthetic score): the sinusoidal embedding sees 0..1024.
+            time_ids = torch.rand((batch, self.text_time.time_id_count), generator=generator) * 1024
+            added = (text_embeds, time_ids)
+        residual = tuple(torch.randn((batch, r.channels, *r.size(probe.latent_size)), generator=generator)
+                         for r in self.residuals)
+        return sample, timestep, context, *added, *residual
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-        return (self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0],)
+    def forward(self, *inputs, **named):
+        """Inputs by position (the tracer) or name (the check without residuals)."""
+        given = dict(zip(self.input_names, inputs)) | named
+        added = {k: given[k] for k in ("text_embeds", "time_ids")} if self.text_time is not None else None
+        fed = [r.name for r in self.residuals if r.name in given]
+        if fed and len(fed) != len(self.residuals):
+            raise ExportError(f"unet: ControlNet residuals {fed} given without the others")
+        down = tuple(given[r.name] for r in self.residuals[:-1]) if fed else None
+        return (self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"], added_cond_kwargs=added,
+                          down_block_additional_residuals=down, mid_block_additional_residual=given.get(MID_RESIDUAL),
+                          return_dict=False)[0],)
 
 
 class _Vae(_Wrapper):
@@ -264,9 +328,13 @@ def graph_names(source: SourceModel) -> tuple[str, ...]:
     return tuple(name for name in ORDER if getattr(source, _OWNER[name]) is not None)
 
 
-def _wrapper(name: str, source: SourceModel) -> _Wrapper:
+def _wrapper(name: str, source: SourceModel, static: bool) -> _Wrapper:
     if name in ("text_encoder", "text_encoder_2") and source.sdxl:
         return _SdxlTextEncoder(source, name)
+    if name == "unet":
+        # A fixed-shape input cannot default to [1, C, 1, 1], and dynamic ones in a static graph would
+        # leave every later shape unknown: a static U-Net takes no ControlNet residuals.
+        return _UNet(source, controlnet=not static)
     return _WRAPPERS[name](source)
 
 
@@ -317,16 +385,18 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     """
     if name not in _WRAPPERS:
         raise ValueError(f"graph: got {name!r}, expected one of {ORDER}")
-    module = _wrapper(name, source).eval()
+    module = _wrapper(name, source, static).eval()
     if name == "unet":
         set_attention(module.unet, attention)
     axes = module.dynamic_axes
+    optional = getattr(module, "optional", {})
     if static:
         axes = {k: {i: n for i, n in dims.items() if n == SEQUENCE} for k, dims in axes.items()}
         axes = {k: dims for k, dims in axes.items() if dims}
     generator = torch.Generator().manual_seed(seed)
     trace_inputs, check_inputs = module.example(trace, generator), module.example(check, generator)
-    return Graph(name, module, module.input_names, module.output_names, axes, trace_inputs, check_inputs)
+    return Graph(name, module, module.input_names, module.output_names, axes, trace_inputs, check_inputs,
+                 optional=optional)
 
 
 def export_graph(graph: Graph, path: Path, *, opset: int) -> None:
@@ -352,6 +422,26 @@ def export_graph(graph: Graph, path: Path, *, opset: int) -> None:
             do_constant_folding=True,
         )
     consolidate_external_data(path)
+    if graph.optional:
+        add_optional_defaults(path, graph.optional)
+
+
+def add_optional_defaults(path: Path, optional: dict[str, int]) -> None:
+    """Give each of the graph's `optional` inputs a zero default [1, channels, 1, 1]: an initializer of
+    the input's name, which ONNX Runtime uses when the input is not fed (an overridable initializer).
+
+    A U-Net without a ControlNet then runs as if exported without residual inputs (x + 0 = x) and
+    takes the three inputs optimum's pipelines feed; the broadcast adds cost nothing measurable
+    (benchmarks/results/controlnet-inputs.md). Only the graph is rewritten, not its external data.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    declared = {v.name for v in model.graph.input}
+    missing = sorted(set(optional) - declared)
+    if missing:
+        raise ExportError(f"{path}: optional inputs {missing} are not inputs of the graph")
+    for name, channels in optional.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, channels, 1, 1), np.float32), name))
+    path.write_bytes(model.SerializeToString())
 
 
 @contextmanager
@@ -450,8 +540,9 @@ def _all_tensors(graph: onnx.GraphProto):
                 yield from _all_tensors(subgraph)
 
 
-def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
-    """(inputs, outputs) of an ONNX file as the manifest writes them, without loading its weights."""
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """(inputs, outputs, optional inputs) of an ONNX file as the manifest writes them, without loading
+    its weights; optional inputs are those with a default (an initializer of their name)."""
     graph = onnx.load(str(path), load_external_data=False).graph
 
     def spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -462,7 +553,8 @@ def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]
 
     initializers = {t.name for t in graph.initializer}
     inputs = tuple(spec(v) for v in graph.input if v.name not in initializers)
-    return inputs, tuple(spec(v) for v in graph.output)
+    optional = tuple(spec(v) for v in graph.input if v.name in initializers)
+    return inputs, tuple(spec(v) for v in graph.output), optional
 
 
 def release(source: SourceModel, name: str, remaining: tuple[str, ...]) -> None:

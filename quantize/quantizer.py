@@ -170,7 +170,7 @@ def _quantize_graph(
     say(f"{component}: {precision}, {_size_mb(dst):.1f} MB, {parity.psnr_db:.1f} dB vs fp32")
     weights = check.weight_map(src, dst, spec.weights) if component in WEIGHTED else None
     return GraphSpec(spec.path, session.inputs, session.outputs, precision=precision, check=parity.as_dict(),
-                     weights=weights)
+                     weights=weights, optional=session.optional)
 
 
 def _remove_graph(dst: Path) -> None:

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Pipeline", "GenerationConfig", "GenerationCancelled"]
+__all__ = ["Pipeline", "GenerationConfig", "GenerationCancelled", "Control"]
 
 
 def __getattr__(name: str):

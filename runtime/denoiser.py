@@ -7,8 +7,10 @@ Two small pieces make that call:
   type, how sigma maps to the U-Net's timestep (the plan's exact timesteps; dtype and rank as the
   graph declares them), the input scaling x / sqrt(sigma^2 + 1), and LCM's boundary condition.
   Everything else the U-Net reads comes in as data, a `Conditioning`: the text embeddings and any
-  other named input (SDXL's `text_embeds` and `time_ids` are two more entries), and channels
-  appended to the sample (an inpainting U-Net's mask and masked-image latents).
+  other named input (SDXL's `text_embeds` and `time_ids` are two more entries), channels
+  appended to the sample (an inpainting U-Net's mask and masked-image latents), and ControlNets
+  (controlnet.py `ControlHint`), run on the scaled sample at each step their window covers and
+  summed into the U-Net's residual inputs.
 - `GuidedDenoiser` is classifier-free guidance around it: the uncond || cond batch, the scale,
   guidance rescale, the sigma interval where guidance applies, and at most how many images go
   into one U-Net run (the memory policy's choice).
@@ -25,6 +27,7 @@ import numpy as np
 
 from sdonnx.config import check_real
 from sdonnx.errors import InputError, ModelError
+from sdonnx.runtime.controlnet import ControlHint, control_residuals
 from sdonnx.runtime.manifest import PREDICTION_TYPES, Manifest, TensorSpec, TrainingSchedule
 from sdonnx.runtime.schedules import Plan, sigma_to_timestep
 from sdonnx.runtime.session import Session
@@ -43,14 +46,17 @@ class Conditioning:
     inputs: U-Net inputs by name, each [B, ...]: encoder_hidden_states [B, S, D] always; families
     with more conditioning add entries (SDXL: text_embeds [B, 1280], time_ids [B, 6]).
     channels: [B, E, h, w] appended to the scaled sample on the channel axis, or None.
+    controls: the ControlNets acting on these B images, each with its control image [B, 3, H, W].
     The arrays are the same at every step, so they are made read-only once.
     """
 
     inputs: Mapping[str, np.ndarray]
     channels: np.ndarray | None = None
+    controls: tuple[ControlHint, ...] = ()
 
     def __post_init__(self) -> None:
-        arrays = [*self.inputs.values(), *([] if self.channels is None else [self.channels])]
+        arrays = [*self.inputs.values(), *([] if self.channels is None else [self.channels]),
+                  *(hint.image for hint in self.controls)]
         if not arrays or len({len(a) for a in arrays}) != 1:
             shapes = {k: np.shape(v) for k, v in self.inputs.items()}
             raise InputError("conditioning", f"shapes {shapes}, channels {np.shape(self.channels)}", "one batch size")
@@ -69,13 +75,18 @@ class Conditioning:
         for name, value in first.inputs.items():
             if np.shape(value) != np.shape(self.inputs[name]):
                 raise InputError(f"uncond {name}", f"shape {np.shape(value)}", f"cond's {np.shape(self.inputs[name])}")
+        if len(first.controls) != len(self.controls):
+            raise InputError("uncond controls", len(first.controls), f"cond's {len(self.controls)}")
         channels = None if self.channels is None else np.concatenate([first.channels, self.channels])
-        return Conditioning({k: np.concatenate([first.inputs[k], v]) for k, v in self.inputs.items()}, channels)
+        controls = tuple(mine.after(theirs) for mine, theirs in zip(self.controls, first.controls))
+        return Conditioning({k: np.concatenate([first.inputs[k], v]) for k, v in self.inputs.items()}, channels,
+                            controls)
 
     def part(self, start: int, stop: int) -> Conditioning:
         """Images start..stop of the batch."""
         channels = None if self.channels is None else self.channels[start:stop]
-        return Conditioning({k: v[start:stop] for k, v in self.inputs.items()}, channels)
+        return Conditioning({k: v[start:stop] for k, v in self.inputs.items()}, channels,
+                            tuple(hint.part(start, stop) for hint in self.controls))
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,7 @@ class UNetModel:
         def run(**feeds: np.ndarray) -> np.ndarray:
             return unet.run(**feeds)[UNET_OUTPUT]
 
-        dtypes = {spec.name: spec.dtype for spec in unet.inputs}
+        dtypes = {spec.name: spec.dtype for spec in (*unet.inputs, *unet.optional)}
         return cls(
             run, manifest.schedule, manifest.prediction_type, unet.input("sample"), unet.input("timestep"), plan, dtypes
         )
@@ -126,17 +137,35 @@ class UNetModel:
         return isinstance(self.sample_spec.shape[0], int)
 
     def cast(self, cond: Conditioning) -> Conditioning:
-        """`cond` with each input in the dtype the graph declares for it (done once, not per step)."""
+        """`cond` with each input in the dtype the graph declares for it (done once, not per step);
+        ControlNets cast what they take of them to their own graph's dtypes."""
         inputs = {k: v.astype(self.input_dtypes.get(k, v.dtype), copy=False) for k, v in cond.inputs.items()}
-        return Conditioning(inputs, cond.channels)
+        return Conditioning(inputs, cond.channels, cond.controls)
 
     def predict(self, x: np.ndarray, sigma: float, cond: Conditioning) -> np.ndarray:
-        """One U-Net run on x [B, C, h, w] at sigma -> its raw output [B, C, h, w] float32."""
-        sample = (x * (1 / math.sqrt(sigma**2 + 1))).astype(self.sample_spec.dtype)
+        """One U-Net run on x [B, C, h, w] at sigma -> its raw output [B, C, h, w] float32.
+
+        The ControlNets acting at this step see the scaled sample without the appended channels
+        (an inpainting U-Net's), as diffusers' ControlNet pipelines feed them.
+        """
+        scaled = x * (1 / math.sqrt(sigma**2 + 1))
+        sample = scaled.astype(self.sample_spec.dtype, copy=False)
         if cond.channels is not None:
             sample = np.concatenate([sample, cond.channels.astype(self.sample_spec.dtype, copy=False)], axis=1)
-        timestep = timestep_input(self.timestep_spec, self.timestep(sigma), len(sample))
-        return np.asarray(self.unet(sample=sample, timestep=timestep, **cond.inputs), dtype=np.float32)
+        t = self.timestep(sigma)
+        timestep = timestep_input(self.timestep_spec, t, len(sample))
+        feeds = dict(cond.inputs)
+        if cond.controls:
+            residuals = control_residuals(cond.controls, scaled, t, cond.inputs, self._step(sigma), self._steps)
+            feeds |= {k: v.astype(self.input_dtypes.get(k, v.dtype), copy=False) for k, v in residuals.items()}
+        return np.asarray(self.unet(sample=sample, timestep=timestep, **feeds), dtype=np.float32)
+
+    def _step(self, sigma: float) -> int:
+        return self.plan.step_at(sigma) if self.plan is not None else 0
+
+    @property
+    def _steps(self) -> int:
+        return self.plan.steps if self.plan is not None else 1
 
     def denoised(self, x: np.ndarray, sigma: float, out: np.ndarray) -> np.ndarray:
         """x0 from x at sigma and the U-Net's (guided) output for it."""

@@ -68,9 +68,12 @@ class GraphSpec:
     # module path -> where its weight is (runtime/weights.py), for LoRAs; None: not recorded (older
     # exports, optimum folders), derived from the graph when needed.
     weights: Mapping[str, WeightRef] | None = None
+    # Inputs with a default in the graph, fed only when wanted (the U-Net's ControlNet residuals,
+    # zeros [1, C, 1, 1] by default); () for graphs exported before they existed.
+    optional: tuple[TensorSpec, ...] = ()
 
     def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
+        return next((t for t in (*self.inputs, *self.optional) if t.name == name), None)
 
     def output(self, name: str) -> TensorSpec | None:
         return next((t for t in self.outputs if t.name == name), None)
@@ -231,6 +234,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:
         r = _Reader(raw, where)
+        if raw.get("kind") == "controlnet":
+            raise ModelError(f"{where}: a ControlNet folder, not a model: give it as "
+                             "control=Control(model=..., image=...) (CLI: --control)")
         version = r.get("format_version", int)
         if version > FORMAT_VERSION:
             raise ModelError(
@@ -295,9 +301,9 @@ class Manifest:
 
 
 def _graph(r: _Reader) -> GraphSpec:
-    def tensors(key: str) -> tuple[TensorSpec, ...]:
+    def tensors(key: str, optional: bool = False) -> tuple[TensorSpec, ...]:
         out = []
-        for i, item in enumerate(r.get(key, list)):
+        for i, item in enumerate(r.get(key, list, optional=optional) or []):
             t = _Reader(item, f"{r.where}.{key}[{i}]")
             shape = t.get("shape", list)
             if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
@@ -312,6 +318,7 @@ def _graph(r: _Reader) -> GraphSpec:
         precision=r.get("precision", str),
         check=r.get("check", dict, optional=True),
         weights=None if r.get("weights", dict, optional=True) is None else read_map(r.raw["weights"], f"{r.where}.weights"),
+        optional=tensors("optional", optional=True),
     )
 
 

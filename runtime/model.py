@@ -194,7 +194,7 @@ class ModelFolder:
             graphs = {}
             for c in wanted:
                 s = sessions[c]
-                graphs[c] = GraphSpec(paths[c], s.inputs, s.outputs, precision=_precision(s))
+                graphs[c] = GraphSpec(paths[c], s.inputs, s.outputs, precision=_precision(s), optional=s.optional)
             manifest = Manifest(**facts, graphs=graphs)
             for c in wanted:
                 _check_io(sessions[c], manifest)
@@ -327,7 +327,9 @@ def _precision(session: Session) -> str:
 
 def _check_against_spec(session: Session, spec: GraphSpec) -> None:
     """The graph's IO must be what the manifest recorded: names, dtypes, ranks and fixed dims."""
-    for kind, found, expected in (("input", session.inputs, spec.inputs), ("output", session.outputs, spec.outputs)):
+    pairs = (("input", session.inputs, spec.inputs), ("output", session.outputs, spec.outputs),
+             ("optional input", session.optional, spec.optional))
+    for kind, found, expected in pairs:
         found_by_name = {t.name: t for t in found}
         if set(found_by_name) != {t.name for t in expected}:
             raise ModelError(

@@ -29,7 +29,8 @@ from sdonnx.config import check_choice, check_int, check_real, is_int
 from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
-from sdonnx.runtime import embeddings
+from sdonnx.runtime import embeddings, graph_cache
+from sdonnx.runtime.controlnet import Control, ControlHint, ControlNets, ControlRequest, check_controls
 from sdonnx.runtime.images import check_finite, decode, encode
 from sdonnx.runtime.lora import Adapters, LoraChoice, check_weight, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
@@ -37,7 +38,7 @@ from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
 from sdonnx.runtime.prompts import lora_tags, strip_tags
-from sdonnx.runtime.providers import RuntimeOptions
+from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
 from sdonnx.runtime.schedules import Plan, split_plan, strength_tail
@@ -101,6 +102,8 @@ class GenerationConfig:
     # LoRAs to apply for this request, {file or name: weight} (names resolve in the pipeline's
     # lora_dir), besides the prompt's <lora:NAME:WEIGHT> tags; held as ((name, weight), ...).
     loras: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
+    # ControlNets steering this request (controlnet.py Control): one, or a sequence whose residuals add up.
+    control: Control | tuple[Control, ...] = ()
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -131,6 +134,7 @@ class GenerationConfig:
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0, high)
         object.__setattr__(self, "loras", _loras(self.loras))
+        object.__setattr__(self, "control", _controls(self.control))
         lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
@@ -162,6 +166,14 @@ def _loras(value: object) -> tuple[tuple[str, float], ...]:
     return tuple((str(name), float(weight)) for name, weight in pairs)
 
 
+def _controls(value: object) -> tuple[Control, ...]:
+    """A Control or a sequence of them -> a tuple; InputError otherwise."""
+    controls = (value,) if isinstance(value, Control) else value
+    if not isinstance(controls, (list, tuple)) or not all(isinstance(c, Control) for c in controls):
+        raise InputError("control", value, "a Control(model=..., image=...) or a list of them")
+    return tuple(controls)
+
+
 def _pair(name: str, value: object) -> tuple[int, int]:
     """(height, width) or (top, left): two integers >= 0; InputError naming `name` otherwise."""
     if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(is_int(v) and v >= 0 for v in value):
@@ -176,13 +188,19 @@ class Pipeline:
     """
 
     def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
-                 lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None):
+                 lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None,
+                 control_dir: Path | str | None = None):
         self.model = model
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
         self.embeddings_dir = None if embeddings_dir is None else Path(embeddings_dir)
+        self.control_dir = None if control_dir is None else Path(control_dir)
         self.adapters = Adapters(model.root, model.manifest)
+        options = model.options
+        self.controlnets = ControlNets(
+            lambda path: graph_cache.open_session(path, session_providers(options), options, name="controlnet"),
+            options.memory)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -198,6 +216,7 @@ class Pipeline:
         progress: bool = True,
         lora_dir: Path | str | None = None,
         embeddings_dir: Path | str | None = None,
+        control_dir: Path | str | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -207,15 +226,17 @@ class Pipeline:
         (provider="cpu", threads=2, ...).
         lora_dir: where LoRA names (`loras={"name": 0.8}`, `<lora:name:0.8>`) are looked up.
         embeddings_dir: textual-inversion files, each used where its name is a word of a prompt.
+        control_dir: where ControlNet names (`Control(model="canny", ...)`) are looked up.
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
         options = options if options is not None else RuntimeOptions(**option_fields)
-        for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir)):
+        for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir), ("control_dir", control_dir)):
             if folder is not None and not Path(folder).is_dir():
                 raise InputError(name, str(folder), "an existing folder")
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
-        return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
+                   control_dir=control_dir)
 
     @property
     def manifest(self) -> Manifest:
@@ -284,15 +305,17 @@ class Pipeline:
     def check(
         self, config: GenerationConfig, *, image: ImageInput | None = None, mask: ImageInput | None = None
     ) -> Request:
-        """`config` with its init image, mask and LoRAs checked against this model (request.py,
-        lora.py), no graph run."""
+        """`config` with its init image, mask, LoRAs and ControlNets checked against this model
+        (request.py, lora.py, controlnet.py), no graph run."""
         memory = self.model.options.memory
         tokenizers, rows = self._embeddings(config)
         request = check_request(self.manifest, self.model.root, memory, config, image, mask,
                                 tokenizers=tokenizers, loaded=self.model.sessions.opened)
         loras = requested_loras(config, self.lora_dir, self.model.root)
         self.adapters.prepare(loras)
-        return replace(request, loras=loras, tokenizers=tokenizers, rows=rows)
+        controls = check_controls(request.config.control, self.controlnets, self.control_dir, self.manifest,
+                                  request.height, request.width)
+        return replace(request, loras=loras, tokenizers=tokenizers, rows=rows, controls=controls)
 
     def _embeddings(self, config: GenerationConfig) -> tuple[Mapping[str, ClipTokenizer], dict]:
         """The tokenizers that know the embedding words `config`'s prompts use, and the token-table
@@ -374,7 +397,7 @@ class Pipeline:
             init, config.strength, shape=shape, plan=plan, rng=rng, latents=latents,
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,
         )
-        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, callback)
+        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, callback, request.controls)
         if refiner is not None:
             return refiner._refine(config, request, latent, tail, rng, callback)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
@@ -433,18 +456,21 @@ class Pipeline:
         guidance: Guidance,
         rng: NoiseSource,
         callback: StepCallback | None,
+        controls: tuple[ControlRequest, ...] = (),
     ) -> np.ndarray:
         """The sampler loop from start.x [B, C, h, w] to the final latent [B, C, h, w] (before
         1/scaling_factor), x_0 * plan.latent_scale (`sampling.run_plan`).
 
-        The U-Net session is taken for this step only, so the memory policy can close it when it
-        returns.
+        The U-Net session (and the ControlNets') is taken for this step only, so the memory policy
+        can close it when it returns.
         """
-        with self.model.sessions.use("unet") as unet:
+        with self.model.sessions.use("unet") as unet, self.controlnets.use(controls) as graphs:
+            batch = len(start.x)
+            hints, uncond_hints = control_hints(controls, graphs, batch)
             denoise = GuidedDenoiser(
                 UNetModel.for_session(unet, self.manifest, plan),
-                Conditioning(cond, start.channels),
-                None if uncond is None else Conditioning(uncond, start.channels),
+                Conditioning(cond, start.channels, hints),
+                None if uncond is None else Conditioning(uncond, start.channels, uncond_hints),
                 guidance,
                 max_batch=self.model.options.memory.unet_max_batch,
             )
@@ -464,6 +490,18 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int
+                  ) -> tuple[tuple[ControlHint, ...], tuple[ControlHint, ...]]:
+    """(cond, uncond) ControlHints for a batch: each control image repeated per image; in guess mode
+    the unconditional rows are left out (diffusers feeds them zero residuals)."""
+    cond, uncond = [], []
+    for request, graph in zip(controls, graphs):
+        image = np.repeat(request.image, batch, axis=0)
+        cond.append(ControlHint(graph, image, np.ones(batch, bool), request.control))
+        uncond.append(ControlHint(graph, image.copy(), np.full(batch, not request.control.guess_mode), request.control))
+    return tuple(cond), tuple(uncond)
 
 
 def requested_loras(config: GenerationConfig, lora_dir: Path | None, model_root: Path | None = None

@@ -144,6 +144,11 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
     so.enable_cpu_mem_arena = options.memory.arena
+    # Errors only: at every U-Net load ORT warns once per ControlNet residual input that its default
+    # (an initializer of the input's name, export/graphs.py add_optional_defaults) is not a constant,
+    # which is the point of it; its other load-time warnings are advisories (CUDA's "nodes not
+    # assigned to the preferred execution provider" for shape ops it places on the CPU itself).
+    so.log_severity_level = 3
     if options.threads is not None:
         so.intra_op_num_threads = options.threads
     if resolve_provider(options.provider) == "dml":

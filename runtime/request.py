@@ -68,6 +68,7 @@ class Request:
     # encoder the token-table rows those words borrow ({} when the request names none).
     tokenizers: Mapping[str, ClipTokenizer] | None = None
     rows: Mapping[str, Mapping[int, np.ndarray]] = field(default_factory=dict)
+    controls: tuple = ()  # controlnet.ControlRequest per Control, checked against the model
 
 
 def check_request(

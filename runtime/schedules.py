@@ -80,6 +80,11 @@ class Plan:
         hit = np.flatnonzero(np.isclose(self.sigmas[:-1], sigma, rtol=PLAN_MATCH_RTOL, atol=0))
         return float(self.timesteps[hit[0]]) if hit.size else None
 
+    def step_at(self, sigma: float) -> int:
+        """The step whose interval holds `sigma`: the last i with sigmas[i] >= sigma (to 1e-6 relative)."""
+        at_or_above = np.flatnonzero(self.sigmas[:-1] >= sigma * (1 - PLAN_MATCH_RTOL))
+        return int(at_or_above[-1]) if at_or_above.size else 0
+
 
 @lru_cache(maxsize=8)
 def training_sigmas(schedule: TrainingSchedule) -> np.ndarray:

@@ -85,6 +85,9 @@ class Session:
         except Exception as e:  # ORT raises its own pybind types (Fail, InvalidProtobuf, ...), not exported
             raise ModelError(f"{self.path}: onnxruntime cannot load the {self.name!r} graph: {e}") from e
         self.inputs = tuple(_spec(arg) for arg in self._session.get_inputs())
+        # Inputs with a default in the graph (an initializer of the same name), fed only when wanted:
+        # the U-Net's ControlNet residuals.
+        self.optional = tuple(_spec(arg) for arg in self._session.get_overridable_initializers())
         self.outputs = tuple(_spec(arg) for arg in self._session.get_outputs())
         self.providers = tuple(self._session.get_providers())
         if io_binding is None:
@@ -139,13 +142,14 @@ class Session:
         return [spec.name for spec in self.outputs]
 
     def input(self, name: str) -> TensorSpec:
-        return self._find("input", self.inputs, name)
+        return self._find("input", (*self.inputs, *self.optional), name)
 
     def output(self, name: str) -> TensorSpec:
         return self._find("output", self.outputs, name)
 
     def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the graph on `inputs` (one array per declared input); return every output by name."""
+        """Run the graph on `inputs` (one array per declared input, and any optional ones); return every
+        output by name."""
         self.check_inputs(inputs)
         if self._session is None:
             raise ModelError(f"{self.path}: the {self.name!r} session was closed (its step of the pipeline is over)")
@@ -161,15 +165,18 @@ class Session:
         self._initializers = []
 
     def check_inputs(self, inputs: dict[str, object]) -> None:
-        """Raise InputError unless `inputs` match the declared inputs in name, dtype, rank and dims."""
+        """Raise InputError unless `inputs` match the declared inputs (all of them, and any of the
+        optional ones) in name, dtype, rank and dims."""
         declared = [spec.name for spec in self.inputs]
+        optional = {spec.name: spec for spec in self.optional}
         missing = [n for n in declared if n not in inputs]
-        unexpected = [n for n in inputs if n not in declared]
+        unexpected = [n for n in inputs if n not in declared and n not in optional]
         if missing or unexpected:
             problems = [f"{what} {names}" for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
-            raise InputError(f"{self.name} inputs", sorted(inputs), f"exactly {declared} ({'; '.join(problems)})")
+            also = f" and any of {list(optional)}" if optional else ""
+            raise InputError(f"{self.name} inputs", sorted(inputs), f"exactly {declared}{also} ({'; '.join(problems)})")
         bound: dict[str, tuple[int, str]] = {}  # dim name -> (size, input that fixed it)
-        for spec in self.inputs:
+        for spec in (*self.inputs, *(optional[n] for n in inputs if n in optional)):
             value = inputs[spec.name]
             field = f"{self.name}.{spec.name}"
             if not isinstance(value, np.ndarray):

@@ -13,12 +13,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["Pipeline", "GenerationConfig", "__version__"]
+__all__ = ["Pipeline", "GenerationConfig", "Control", "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy so that `import sdonnx` (and the CLI's --help) does not load onnxruntime.
-    if name in ("Pipeline", "GenerationConfig"):
+    if name in ("Pipeline", "GenerationConfig", "Control"):
         from sdonnx import runtime
 
         return getattr(runtime, name)
