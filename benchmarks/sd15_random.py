@@ -5,6 +5,11 @@ size use this: the real SD 1.5 configs bundled under models/configs/sd1, weights
 The folder is a cache outside the repository (weights are never committed).
 
     python benchmarks/sd15_random.py [--out ~/.cache/sdonnx/sd15-random] [--seed 0]
+    python benchmarks/sd15_random.py --controlnet [--out ~/.cache/sdonnx/sd15-controlnet-random]
+
+--controlnet writes a ControlNetModel folder of SD 1.5's ControlNet architecture (lllyasviel's
+sd-controlnet-*: the U-Net's encoder, 3-channel hint, zero convolutions) with random weights,
+the zero-initialized convolutions included, so its residuals are not all zero.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sdonnx.models import CLIP_TOKENIZER, CONFIGS
 from sdonnx.models.checkpoints import save_text_encoder
 
 DEFAULT_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-random"
+DEFAULT_CONTROLNET_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-controlnet-random"
 
 
 def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
@@ -54,12 +60,38 @@ def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
     return out
 
 
+def build_controlnet(out: Path = DEFAULT_CONTROLNET_OUT, seed: int = 0) -> Path:
+    """Write a diffusers ControlNetModel folder of SD 1.5's ControlNet (~1.4 GB fp32); reuse it if complete."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text()))
+    net = ControlNetModel.from_unet(unet)
+    del unet
+    with torch.no_grad():  # from_unet zero-initializes the residual convolutions
+        for module in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+            torch.nn.init.normal_(module.weight, std=0.02)
+    net.save_pretrained(tmp, safe_serialization=True)
+    tmp.rename(out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--controlnet", action="store_true", help="build the ControlNet instead")
     args = parser.parse_args()
-    print(build(args.out, args.seed))
+    if args.controlnet:
+        print(build_controlnet(args.out or DEFAULT_CONTROLNET_OUT, args.seed))
+    else:
+        print(build(args.out or DEFAULT_OUT, args.seed))
 
 
 if __name__ == "__main__":

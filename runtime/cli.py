@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
 from sdonnx.models import EMBEDDED_MODEL
+from sdonnx.runtime.controlnet import ControlNets, check_controls
 from sdonnx.runtime.integrity import verify_folder
 from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
@@ -91,6 +92,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--lora-dir", type=Path, metavar="DIR", help="where <lora:NAME:...> and --lora names are found")
     generate.add_argument("--embeddings-dir", type=Path, metavar="DIR",
                           help="textual-inversion files; each is used where its file name is a word of the prompt")
+    generate.add_argument("--control", action="append", metavar="FOLDER",
+                          help="steer with a ControlNet (an exported folder, or a name in --control-dir); repeatable, "
+                          "each with its own --control-image")
+    generate.add_argument("--control-image", action="append", type=Path, metavar="IMG",
+                          help="the processed control image (edges, depth, pose) for the --control in the same place")
+    for flag, what in (("scale", "residual weight (default 1)"),
+                       ("start", "fraction of the steps where it starts acting (default 0)"),
+                       ("end", "fraction of the steps where it stops (default 1)")):
+        generate.add_argument(f"--control-{flag}", action="append", type=float, metavar="X",
+                              help=f"per --control, in order: its {what}")
+    generate.add_argument("--control-guess-mode", action="append", choices=("on", "off"),
+                          help="per --control: guess mode, ControlNet on the conditional half only (default off)")
+    generate.add_argument("--control-resize", action="append", choices=("stretch", "crop"),
+                          help="per --control: fit the image to the size by stretching or centre-cropping (default stretch)")
+    generate.add_argument("--control-dir", type=Path, metavar="DIR", help="where --control names are found")
     generate.add_argument(
         "--from-png", type=Path, metavar="FILE",
         help="re-run the settings in FILE's parameters text (sdonnx or A1111); other flags override them",
@@ -101,6 +117,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_runtime_flags(generate)
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(func=_generate)
+
+    preprocess = subparsers.add_parser("preprocess", help="make a control image (canny edges) for --control-image",
+                                       description=_preprocess.__doc__)
+    preprocess.add_argument("kind", choices=("canny",), help="the preprocessor")
+    preprocess.add_argument("image", type=Path, metavar="IMAGE", help="the picture to process")
+    preprocess.add_argument("output", type=Path, metavar="OUT", help="the control image (PNG) to write")
+    preprocess.add_argument("--low", type=int, default=100, help="canny's lower threshold, 0..255 (default 100)")
+    preprocess.add_argument("--high", type=int, default=200, help="canny's upper threshold, 0..255 (default 200)")
+    preprocess.set_defaults(func=_preprocess)
 
     info = subparsers.add_parser("info", help="show a model folder's facts and graphs", description=_info.__doc__)
     info.add_argument("model", metavar="MODEL", nargs="?", type=Path, default=EMBEDDED_MODEL,
@@ -145,11 +170,14 @@ def _generate(args: argparse.Namespace) -> int:
     outputs = output_paths(args.output, config.batch)
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
-    for name in ("lora_dir", "embeddings_dir"):
+    for name in ("lora_dir", "embeddings_dir", "control_dir"):
         if getattr(args, name) is not None and not getattr(args, name).is_dir():
             raise InputError(name, str(getattr(args, name)), "an existing folder")
-    config = check_request(facts, root, options.memory, config, init_image, mask).config  # before any graph loads
+    request = check_request(facts, root, options.memory, config, init_image, mask)  # before any graph loads
+    config = request.config
     Adapters(root, facts).prepare(requested_loras(config, args.lora_dir, root))
+    check_controls(config.control, ControlNets(None, options.memory), args.control_dir, facts, request.height,
+                   request.width)
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:
@@ -161,7 +189,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")
 
     pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
-                         embeddings_dir=args.embeddings_dir)
+                         embeddings_dir=args.embeddings_dir, control_dir=args.control_dir)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
     images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner)
@@ -170,7 +198,8 @@ def _generate(args: argparse.Namespace) -> int:
     for image, path in zip(images, outputs):
         parameters = format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model,
                                        refiner=refiner.model if refiner is not None else None,
-                                       lora_hashes=image.info.get("lora_hashes"))
+                                       lora_hashes=image.info.get("lora_hashes"),
+                                       controlnets=image.info.get("controlnets"))
         write_png(image, path, parameters)
         if not args.quiet:
             print(f"wrote {path}")
@@ -201,7 +230,29 @@ def _config(args: argparse.Namespace) -> GenerationConfig:
         parsed["crops_coords_top_left"] = parse_pair(args.crop_top_left, "crops_coords_top_left")
     if args.lora_specs:
         parsed["loras"] = tuple(parse_lora(spec) for spec in args.lora_specs)
+    parsed["control"] = parse_controls(args)
     return config_from_args(GenerationConfig, args, defaults=saved, **parsed)
+
+
+def parse_controls(args: argparse.Namespace) -> tuple:
+    """--control FOLDER --control-image IMG [--control-scale S ...] (repeatable) -> Controls, paired by
+    position; a per-control flag given more often than --control is an error."""
+    from sdonnx.runtime.controlnet import Control
+
+    folders, images = args.control or [], args.control_image or []
+    if len(images) != len(folders):
+        raise InputError("control_image", [str(i) for i in images], f"one image per --control ({len(folders)})")
+    per = {name: getattr(args, f"control_{name}") or [] for name in ("scale", "start", "end", "guess_mode", "resize")}
+    for name, values in per.items():
+        if len(values) > len(folders):
+            raise InputError(f"control_{name}", values, f"at most one per --control ({len(folders)})")
+    controls = []
+    for i, (folder, image) in enumerate(zip(folders, images)):
+        given = {name: values[i] for name, values in per.items() if i < len(values)}
+        if "guess_mode" in given:
+            given["guess_mode"] = given["guess_mode"] == "on"
+        controls.append(Control(folder, str(_checked_image("control_image", image)), **given))
+    return tuple(controls)
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -223,6 +274,18 @@ def _checked_image(name: str, path: Path | None) -> Path | None:
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise InputError(name, str(path), f"a readable image file ({e})") from None
     return path
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    """Turn a picture into a control image: canny edges (needs `pip install "sdonnx[control]"`)."""
+    from sdonnx.files import output_files, replace_file
+    from sdonnx.runtime.preprocess import canny
+
+    (path,) = output_files(args.output, 1)
+    edges = canny(_checked_image("image", args.image), args.low, args.high)
+    replace_file(path, lambda f: edges.save(f, format="PNG"))
+    print(f"wrote {path}")
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -344,11 +344,13 @@ class ControlNets:
     """The ControlNet graphs a pipeline has opened, by folder. `use(requests)` lends them for one
     denoising loop; under a memory policy that releases sessions they close when it ends, with the U-Net.
 
-    open(path, name) -> Session: how the pipeline opens a graph (its providers and options).
+    open(path) -> Session: how the pipeline opens a graph (its providers and options). verify: check
+    each folder's files against the sha256s its manifest recorded before opening (integrity.py).
     """
 
-    def __init__(self, opener: Callable[[Path], Session], policy):
+    def __init__(self, opener: Callable[[Path], Session] | None, policy, *, verify: bool = True):
         self._open = opener
+        self.verify = verify
         self._opened: dict[Path, Session] = {}
         self._manifests: dict[Path, ControlNetManifest] = {}
         self.policy = policy
@@ -369,8 +371,11 @@ class ControlNets:
                 self.release()
 
     def _session(self, folder: Path, manifest: ControlNetManifest) -> Session:
+        from sdonnx.runtime.integrity import verify_folder
+
         key = Path(folder).resolve()
         if key not in self._opened:
+            verify_folder(key, manifest, verify=self.verify)
             session = self._open(key / manifest.graphs[COMPONENT].path)
             declared = {s.name for s in session.inputs}
             expected = set(INPUTS) | (set(POOLED_INPUTS) if manifest.text_embeds_dim else set())
@@ -402,7 +407,9 @@ def check_controls(controls: tuple[Control, ...], nets: ControlNets, control_dir
         folder = control_folder(control.model, control_dir)
         net = nets.manifest(folder)
         check_matches(net, folder, manifest.cross_attention_dim, manifest.vae_downsample, optional)
-        if (net.text_embeds_dim is not None) != (manifest.pooled_text_encoder is not None):
+        # Two values per size or crop, one for an aesthetic score.
+        time_ids = sum(1 if f == "aesthetic_score" else 2 for f in manifest.time_ids) if manifest.time_ids else None
+        if net.time_id_count != time_ids:
             raise InputError("control.model", str(folder), f"a ControlNet for this model's family ({manifest.family}; "
                              f"this one is for {net.family})")
         found.append(ControlRequest(control, folder, net, control_image(control.image, height, width, control.resize)))

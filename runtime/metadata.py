@@ -66,10 +66,13 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
 def format_parameters(
     config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None,
     refiner: ModelFolder | None = None, lora_hashes: Mapping[str, str] | None = None,
+    controlnets: list[tuple[str, str]] | None = None,
 ) -> str:
     """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
     lora_hashes: {name: short hash} of the LoRAs applied (the image's info["lora_hashes"]), written as
     A1111's `Lora hashes: "name: hash, ..."`; the prompt keeps its <lora:...> tags.
+    controlnets: (name, short hash) of each of config.control (the image's info["controlnets"]),
+    written as A1111's ControlNet extension does (`ControlNet 0: "Module: none, Model: ..."`).
 
     Steps and guidance left open in `config` are written as they ran: the model's recommended ones.
     """
@@ -94,6 +97,8 @@ def format_parameters(
         "Refiner": f"{refiner.root.name} [{model_hash(refiner)}]" if refiner is not None else None,
         "Refiner switch at": _number(config.refiner_switch) if config.refiner_switch is not None else None,
         "Lora hashes": ", ".join(f"{name}: {h}" for name, h in lora_hashes.items()) if lora_hashes else None,
+        **{f"ControlNet {i}": _control_text(control, name, h)
+           for i, (control, (name, h)) in enumerate(zip(config.control, controlnets or ()))},
     }
     if model is not None:
         fields |= {
@@ -104,6 +109,17 @@ def format_parameters(
     settings = ", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items() if value is not None)
     negative = f"\n{_NEGATIVE} {config.negative_prompt}" if config.negative_prompt else ""
     return f"{config.prompt}{negative}\n{settings}"
+
+
+_CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+_RESIZE_MODES = {"stretch": "Just Resize", "crop": "Crop and Resize"}
+
+
+def _control_text(control, name: str, short_hash: str) -> str:
+    """One ControlNet as A1111's ControlNet extension writes it (the image was given already processed)."""
+    return (f"Module: none, Model: {name} [{short_hash}], Weight: {_number(control.scale)}, "
+            f"Resize Mode: {_RESIZE_MODES[control.resize]}, Guidance Start: {_number(control.start)}, "
+            f"Guidance End: {_number(control.end)}, Control Mode: {_CONTROL_MODES[control.guess_mode]}")
 
 
 def parse_parameters(text: str) -> dict[str, Any]:

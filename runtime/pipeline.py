@@ -200,7 +200,7 @@ class Pipeline:
         options = model.options
         self.controlnets = ControlNets(
             lambda path: graph_cache.open_session(path, session_providers(options), options, name="controlnet"),
-            options.memory)
+            options.memory, verify=options.verify_integrity)
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -360,10 +360,14 @@ class Pipeline:
             images += self._run(request, replace(config, batch=count), seed + first, part, callback, refiner)
             first += count
         hashes = {choice.path.stem: self.adapters.short_hash(choice.path) for choice in request.loras}
+        nets = [(c.folder.name, c.manifest.files.get(c.manifest.graphs["controlnet"].path, "")[:8])
+                for c in request.controls]
         for index, image in enumerate(images):
             image.info.update(seed=seed + index, batch_index=index)
             if hashes:
                 image.info["lora_hashes"] = hashes
+            if nets:
+                image.info["controlnets"] = nets
             if request.image is not None:
                 image.info["strength"] = config.strength
         return images

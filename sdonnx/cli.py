@@ -21,6 +21,9 @@ FLAG_FOR_FIELD = {
     "image": "--init-image", "init_image": "--init-image", "height": "--size", "width": "--size",
     "from_png": "--from-png", "model": "--model", "out": "OUT", "source": "SOURCE", "prompt": "PROMPT",
     "crops_coords_top_left": "--crop-top-left", "loras": "--lora",
+    "control.model": "--control", "control.image": "--control-image", "control.scale": "--control-scale",
+    "control.start": "--control-start", "control.end": "--control-end", "control.resize": "--control-resize",
+    "control.guess_mode": "--control-guess-mode",
 }
 
 

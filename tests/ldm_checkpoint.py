@@ -214,3 +214,24 @@ def _open_clip_to_ldm(state: dict, config: dict) -> dict:
         projections = [renamed.pop(f"{block}.self_attn.{p}_proj.{kind}") for p in "qkv"]
         renamed[f"{block}.attn.in_proj_{kind}"] = torch.cat(projections)
     return _prefixed("cond_stage_model.model.", renamed)
+
+
+def write_controlnet_checkpoint(diffusers_folder: Path, path: Path, prefix: str = "control_model.") -> Path:
+    """A diffusers ControlNetModel folder as lllyasviel's original single file (`control_sd15_*`): the
+    U-Net encoder's names, `zero_convs.N.0` (controlnet_down_blocks), `middle_block_out.0`, and the
+    hint network as `input_hint_block.0, 2, ..., 14` (conv_in, the blocks, conv_out), under `prefix`."""
+    from safetensors.torch import save_file
+
+    state, config = _read_component(Path(diffusers_folder))
+    hint = len(config["conditioning_embedding_out_channels"] or (16, 32, 96, 256))
+    blocks = [
+        *(((f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", {}) for i in range(64))),
+        ("controlnet_mid_block.", "middle_block_out.0.", {}),
+        ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", {}),
+        *((f"controlnet_cond_embedding.blocks.{j}.", f"input_hint_block.{2 * (j + 1)}.", {})
+          for j in range(2 * (hint - 1))),
+        ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * (2 * (hint - 1) + 1)}.", {}),
+        *_unet_blocks({**config, "up_block_types": config["down_block_types"]}),
+    ]
+    save_file(_prefixed(prefix, _rename(state, blocks)), str(path))
+    return Path(path)

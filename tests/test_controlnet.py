@@ -37,6 +37,7 @@ RANDN_MODULES = (
     "diffusers.pipelines.controlnet.pipeline_controlnet",
     "diffusers.pipelines.controlnet.pipeline_controlnet_img2img",
     "diffusers.pipelines.controlnet.pipeline_controlnet_inpaint",
+    "diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl",
 )
 
 
@@ -205,6 +206,45 @@ def test_inpaint_with_control_matches_diffusers(controlnets, references, pipelin
     check_delta(ours, expected, record_property)
 
 
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_sources, tiny_sdxl_exports, tmp_path_factory):
+    """(diffusers SDXL pipeline, our Pipeline, diffusers ControlNet, its export) for the tiny SDXL."""
+    from sdonnx.export import ExportConfig, export_model
+
+    root = tmp_path_factory.mktemp("sdxl-controlnet")
+    net = build_controlnet(tiny_sdxl_sources["sdxl"] / "unet", root / "src", seed=4)
+    export_model(ExportConfig(str(root / "src"), root / "onnx", quiet=True))
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_sources["sdxl"])
+    return reference, Pipeline.load(tiny_sdxl_exports["sdxl"], provider="cpu", progress=False), net, root / "onnx"
+
+
+def test_sdxl_with_control_matches_diffusers(sdxl, monkeypatch, record_property):
+    reference, pipe, net, folder = sdxl
+    m = pipe.manifest
+    latents = noise_source(0).standard_normal((1, m.latent_channels, m.sample_size, m.sample_size)).astype(np.float32)
+    size = m.sample_size * m.vae_downsample
+    image = control_image(size)
+    scheduler = share_noise(monkeypatch, reference, noise_source(SEED))
+    oracle = diffusers.StableDiffusionXLControlNetPipeline.from_pipe(reference, controlnet=net, scheduler=scheduler)
+    oracle.set_progress_bar_config(disable=True)
+    expected = oracle(
+        PROMPT, negative_prompt=NEGATIVE_PROMPT, image=image, controlnet_conditioning_scale=0.8,
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE, latents=torch.from_numpy(latents), output_type="np",
+    ).images[0]
+    ours = unrounded(monkeypatch, lambda: pipe(
+        PROMPT, NEGATIVE_PROMPT, steps=STEPS, guidance=GUIDANCE, sampler="euler", seed=SEED, latents=latents,
+        control=Control(folder, image, scale=0.8)))
+    plain = unrounded(monkeypatch, lambda: pipe(
+        PROMPT, NEGATIVE_PROMPT, steps=STEPS, guidance=GUIDANCE, seed=SEED, latents=latents))
+    assert np.abs(plain - expected).max() > 20 * TOLERANCE, "the ControlNet changed nothing"
+    check_delta(ours, expected, record_property)
+
+
+def test_sd_controlnet_is_refused_by_sdxl(sdxl, controlnets):
+    with pytest.raises(InputError, match="control.model"):
+        sdxl[1]("x", steps=1, control=Control(controlnets["a"][1], control_image()))
+
+
 def test_export_writes_the_controlnet_layout(controlnets):
     folder = controlnets["a"][1]
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -251,3 +291,85 @@ def test_unet_without_residual_inputs_is_refused(controlnets, optimum_fixture):
     pipe = Pipeline.load(optimum_fixture, provider="cpu", progress=False)
     with pytest.raises(InputError, match="exported without them"):
         pipe("x", steps=1, control=Control(controlnets["a"][1], control_image()))
+
+
+def test_cli_control_flags_and_png_parameters(controlnets, tiny_exports, tmp_path):
+    from sdonnx.cli import main
+    from sdonnx.runtime.metadata import read_parameters
+
+    edges = tmp_path / "edges.png"
+    control_image().save(edges)
+    out = tmp_path / "out.png"
+    args = ["generate", "a cat", "-m", str(tiny_exports["sd1"]), "--steps", "2", "--seed", "3", "-q", "-o", str(out),
+            "--control", str(controlnets["a"][1]), "--control-image", str(edges), "--control-scale", "0.5",
+            "--control-end", "0.5"]
+    assert main(args) == 0
+    parameters = read_parameters(out)
+    assert (f'ControlNet 0: "Module: none, Model: a [{_short_hash(controlnets["a"][1])}], Weight: 0.5, '
+            'Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 0.5, Control Mode: Balanced"') in parameters
+    plain = tmp_path / "plain.png"
+    assert main(args[:9] + ["-o", str(plain)]) == 0
+    assert np.asarray(Image.open(out)).tolist() != np.asarray(Image.open(plain)).tolist()
+
+
+def test_cli_control_errors_name_the_flag(controlnets, tiny_exports, tmp_path, capsys):
+    from sdonnx.cli import main
+
+    edges = tmp_path / "edges.png"
+    control_image().save(edges)
+    base = ["generate", "a cat", "-m", str(tiny_exports["sd1"]), "--steps", "1", "-q", "-o", str(tmp_path / "o.png")]
+    assert main(base + ["--control", str(controlnets["a"][1])]) == 2
+    assert "--control-image" in capsys.readouterr().err
+    assert main(base + ["--control", str(controlnets["a"][1]), "--control-image", str(edges),
+                        "--control-scale", "nan"]) == 2
+    assert "--control-scale: got nan" in capsys.readouterr().err
+    assert main(base + ["--control", str(controlnets["sd2"][1]), "--control-image", str(edges)]) == 2
+    assert "--control: got" in capsys.readouterr().err
+
+
+def _short_hash(folder) -> str:
+    return json.loads((folder / "manifest.json").read_text())["files"]["controlnet/model.onnx"][:8]
+
+
+def test_canny_preprocessor_makes_edges(tmp_path):
+    from sdonnx.cli import main
+    from sdonnx.runtime.preprocess import canny
+
+    picture = Image.new("RGB", (64, 64), (20, 20, 200))
+    picture.paste((240, 240, 0), (16, 16, 48, 48))
+    edges = np.asarray(canny(picture))
+    assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
+    assert edges[14:18, 20:44, 0].max(axis=0).min() == 255  # the square's top outline, every column
+    assert edges[24:40, 24:40].max() == 0 and edges[:8, :8].max() == 0  # nothing inside it or in the flat corner
+    source = tmp_path / "photo.png"
+    picture.save(source)
+    assert main(["preprocess", "canny", str(source), str(tmp_path / "edges.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "edges.png")), edges)
+    with pytest.raises(InputError, match="low"):
+        canny(picture, low=250, high=100)
+
+
+def test_single_file_controlnet_exports_as_its_folder(controlnets, tmp_path):
+    """An original-layout file of the same weights (with and without `control_model.`) gives the
+    same graph outputs as the folder's export; the architecture comes from --config."""
+    from ldm_checkpoint import write_controlnet_checkpoint
+    from sdonnx.export import ExportConfig, export_model
+    from sdonnx.export.check import run_onnx
+
+    folder = controlnets["a"][1]
+    source = folder.parent.parent / "src" / "a"
+    reference = None
+    for prefix in ("control_model.", ""):
+        path = write_controlnet_checkpoint(source, tmp_path / f"control{len(prefix)}.safetensors", prefix)
+        out = tmp_path / f"onnx{len(prefix)}"
+        export_model(ExportConfig(str(path), out, config=source, quiet=True))
+        rng = np.random.default_rng(0)
+        feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+                 "timestep": np.asarray(300.0, np.float32),
+                 "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+                 "controlnet_cond": rng.random((2, 3, 64, 64), dtype=np.float32),
+                 "conditioning_scale": np.asarray(1.0, np.float32)}
+        ours = run_onnx(out / "controlnet" / "model.onnx", feeds)
+        reference = reference or run_onnx(folder / "controlnet" / "model.onnx", feeds)
+        for name, value in reference.items():
+            np.testing.assert_allclose(ours[name], value, atol=1e-5, err_msg=name)
