@@ -95,7 +95,8 @@ def refresh(folder: Path = EMBEDDED) -> None:
     graphs["unet"] = new.graphs["unet"]
     updated = replace(old, graphs=graphs, files=files, versions=new.versions)
     (onnx_folder / "manifest.json").write_text(updated.to_json(), encoding="utf-8")
-    print(json.dumps({"max_abs_diff_vs_committed": diff, "optional_inputs": [t.name for t in new.graphs["unet"].optional]}))
+    optional = [t.name for t in new.graphs["unet"].optional]
+    print(json.dumps({"max_abs_diff_vs_committed": diff, "optional_inputs": optional}))
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--control-guess-mode", action="append", choices=("on", "off"),
                           help="per --control: guess mode, ControlNet on the conditional half only (default off)")
     generate.add_argument("--control-resize", action="append", choices=("stretch", "crop"),
-                          help="per --control: fit the image to the size by stretching or centre-cropping (default stretch)")
+                          help="per --control: fit the image to the size by stretching or centre-cropping "
+                          "(default stretch)")
     generate.add_argument("--control-dir", type=Path, metavar="DIR", help="where --control names are found")
     generate.add_argument(
         "--from-png", type=Path, metavar="FILE",
@@ -177,7 +178,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = request.config
     Adapters(root, facts).prepare(requested_loras(config, args.lora_dir, root))
     check_controls(config.control, ControlNets(None, options.memory), args.control_dir, facts, request.height,
-                   request.width)
+                   request.width, root)
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:

@@ -38,6 +38,7 @@ KIND = "controlnet"
 COMPONENT = "controlnet"
 GRAPH_FILE = f"{COMPONENT}/model.onnx"
 RESIZE_MODES = ("stretch", "crop")
+CONTROLNETS_DIR = "controlnets"  # a model folder's own ControlNets, found by name
 ASPECT_TOLERANCE = 0.02  # relative: 512x512 for 512x504 passes, 512x768 for 512x512 does not
 MAX_SCALE = 10.0  # A1111's slider stops at 2; far beyond, the residuals swamp the U-Net
 # The graph's inputs besides the SDXL ones; the U-Net's are the same names.
@@ -169,15 +170,19 @@ class Control:
         return not (step / steps < self.start or (step + 1) / steps > self.end)
 
 
-def control_folder(model: str | Path, control_dir: Path | None) -> Path:
-    """The ControlNet folder `model` names: a path, or a folder name in control_dir."""
+def control_folder(model: str | Path, control_dir: Path | None, model_root: Path | None = None) -> Path:
+    """The ControlNet folder `model` names: a path, or a folder name in control_dir, then in the model
+    folder's `controlnets/` (where the embedded model keeps its own)."""
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
         return path
-    if control_dir is not None and (Path(control_dir) / str(model) / MANIFEST_NAME).is_file():
-        return Path(control_dir) / str(model)
-    known = sorted(p.name for p in Path(control_dir).iterdir() if (p / MANIFEST_NAME).is_file()) if control_dir else []
-    where = f"; control_dir {control_dir} holds {known}" if control_dir else " (no control_dir given)"
+    places = [p for p in (control_dir, None if model_root is None else Path(model_root) / CONTROLNETS_DIR) if p]
+    for place in places:
+        if (Path(place) / str(model) / MANIFEST_NAME).is_file():
+            return Path(place) / str(model)
+    known = sorted({p.name for place in places if Path(place).is_dir() for p in Path(place).iterdir()
+                    if (p / MANIFEST_NAME).is_file()})
+    where = f"; by name: {known}" if known else " (no control_dir given)" if control_dir is None else ""
     raise InputError("control.model", str(model), f"a ControlNet folder from `sdonnx export`{where}")
 
 
@@ -397,14 +402,14 @@ class ControlNets:
 
 
 def check_controls(controls: tuple[Control, ...], nets: ControlNets, control_dir: Path | None, manifest,
-                   height: int, width: int) -> tuple[ControlRequest, ...]:
+                   height: int, width: int, model_root: Path | None = None) -> tuple[ControlRequest, ...]:
     """Each Control resolved and checked against the model `manifest` (a Manifest) and the
     generation size, its image prepared; before any graph opens."""
     unet = manifest.graphs.get("unet")
     optional = {spec.name: spec.shape for spec in (unet.optional if unet is not None else ())}
     found = []
     for control in controls:
-        folder = control_folder(control.model, control_dir)
+        folder = control_folder(control.model, control_dir, model_root)
         net = nets.manifest(folder)
         check_matches(net, folder, manifest.cross_attention_dim, manifest.vae_downsample, optional)
         # Two values per size or crop, one for an aesthetic score.

@@ -314,7 +314,7 @@ class Pipeline:
         loras = requested_loras(config, self.lora_dir, self.model.root)
         self.adapters.prepare(loras)
         controls = check_controls(request.config.control, self.controlnets, self.control_dir, self.manifest,
-                                  request.height, request.width)
+                                  request.height, request.width, self.model.root)
         return replace(request, loras=loras, tokenizers=tokenizers, rows=rows, controls=controls)
 
     def _embeddings(self, config: GenerationConfig) -> tuple[Mapping[str, ClipTokenizer], dict]:

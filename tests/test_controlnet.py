@@ -373,3 +373,13 @@ def test_single_file_controlnet_exports_as_its_folder(controlnets, tmp_path):
         reference = reference or run_onnx(folder / "controlnet" / "model.onnx", feeds)
         for name, value in reference.items():
             np.testing.assert_allclose(ours[name], value, atol=1e-5, err_msg=name)
+
+
+def test_low_memory_releases_the_controlnet_with_the_unet(controlnets, tiny_exports):
+    settings = dict(steps=3, seed=2, control=Control(controlnets["a"][1], control_image()))
+    normal = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False)
+    low = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False, low_memory=True)
+    (kept,), (released,) = normal("a cat", **settings), low("a cat", **settings)
+    assert normal.controlnets._opened and not low.controlnets._opened
+    assert "unet" not in low.model.sessions.opened
+    assert np.abs(np.asarray(kept, float) - np.asarray(released, float)).max() <= 1
