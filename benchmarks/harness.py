@@ -107,6 +107,29 @@ def write_latents(path: Path, size: int, seed: int) -> Path:
     return path
 
 
+def control_job(model: str, work: Path, size: int) -> dict:
+    """The full-size random ControlNet (sd15 only), its sdonnx export and a control image, made once."""
+    from PIL import Image, ImageDraw
+
+    from sdonnx.export import export_model
+    from sd15_random import build_controlnet
+
+    if model != "sd15":
+        raise SystemExit("--control: only with --model sd15")
+    net = build_controlnet()
+    onnx = work / "controlnet-onnx"
+    if not (onnx / "manifest.json").is_file():
+        print(f"exporting {net} -> {onnx}", file=sys.stderr)
+        export_model(ExportConfig(source=str(net), out=onnx, overwrite=True, quiet=True))
+    image = work / f"control-{size}.png"
+    picture = Image.new("RGB", (size, size))
+    pen = ImageDraw.Draw(picture)
+    for i in range(1, 8):  # an edge map: white outlines on black
+        pen.rectangle((i * size // 16, i * size // 16, size - i * size // 16, size - i * size // 16), outline="white")
+    picture.save(image)
+    return {"diffusers": str(net), "onnx": str(onnx), "image": str(image)}
+
+
 def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
     """system -> (python to run it with, job without its output paths)."""
     work = args.work / args.model
@@ -133,6 +156,8 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
             jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
                                                    "low_memory": "lowmem" in modes, "graph_cache": cache,
                                                    "guidance_interval": interval})
+    if args.control:
+        common["control"] = control_job(args.model, work, size)
     jobs = {system: (python, job | common) for system, (python, job) in jobs.items()}
     for system, (python, job) in jobs.items():
         if job.get("graph_cache"):
@@ -192,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     parser.add_argument("--work", type=Path, default=CACHE / "harness")
     parser.add_argument("--optimum-venv", type=Path, default=CACHE / "optimum-venv")
+    parser.add_argument("--control", action="store_true",
+                        help="sd15: every system runs with the full-size random ControlNet (sd15_random.py)")
     parser.add_argument("--prepare", action="store_true", help="only make the exports, variants and venv, then stop")
     args = parser.parse_args(argv)
     args.systems = args.systems.split(",")

@@ -9,6 +9,10 @@ optimum export; run by the optimum virtual environment's Python). Every system g
 starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
 (diffusers' EulerDiscreteScheduler; sdonnx's euler matches it), and the same thread count.
 
+With job["control"] ({"diffusers": ControlNetModel folder, "onnx": its sdonnx export, "image": the
+control image}), sdonnx and diffusers run their ControlNet pipelines, and the U-Net time per step
+includes the ControlNet's.
+
 Prints one JSON line: ready_s (construction until ready to generate), e2e_s (one generation),
 unet_step_s (median over steps of the U-Net time within a step, CFG halves included),
 peak_rss_gb (the process's VmHWM, imports included: that is what a user's process pays).
@@ -56,7 +60,7 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     def timed(self, **feeds):
         started = time.perf_counter()
         out = run(self, **feeds)
-        if self.name == "unet":
+        if self.name in ("unet", "controlnet"):
             timer.add(time.perf_counter() - started)
         return out
 
@@ -67,9 +71,11 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     ready = time.perf_counter() - started
     latents = np.load(job["latents"])
     interval = job.get("guidance_interval")
+    control = job.get("control")
     image = pipe(job["prompt"], latents=latents, steps=job["steps"], guidance=job["guidance"], sampler="euler",
                  height=job["size"], width=job["size"], seed=0, callback=lambda *_: timer.step(),
-                 guidance_interval=tuple(interval) if interval else None)[0]
+                 guidance_interval=tuple(interval) if interval else None,
+                 control=sdonnx.Control(control["onnx"], control["image"]) if control else ())[0]
     return ready, np.asarray(image)
 
 
@@ -78,8 +84,11 @@ def _torch_pipeline_call(pipe, job: dict, timer: StepTimer, latents) -> np.ndarr
         timer.step()
         return kwargs
 
+    from PIL import Image
+
+    extra = {"image": Image.open(job["control"]["image"]).convert("RGB")} if job.get("control") else {}
     images = pipe(job["prompt"], latents=latents, num_inference_steps=job["steps"], guidance_scale=job["guidance"],
-                  height=job["size"], width=job["size"], output_type="np", callback_on_step_end=on_step).images
+                  height=job["size"], width=job["size"], output_type="np", callback_on_step_end=on_step, **extra).images
     return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -91,11 +100,27 @@ def run_diffusers(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     index = json.loads((Path(job["model"]) / "model_index.json").read_text())
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     started = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, **extra)
+    if job.get("control"):
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+        net = ControlNetModel.from_pretrained(job["control"]["diffusers"], torch_dtype=torch.float32)
+        pipe = StableDiffusionControlNetPipeline.from_pretrained(job["model"], controlnet=net,
+                                                                 torch_dtype=torch.float32, **extra)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(job["model"], torch_dtype=torch.float32, **extra)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     ready = time.perf_counter() - started
-    forward = pipe.unet.forward
+    for module in (pipe.unet, getattr(pipe, "controlnet", None)):
+        if module is not None:
+            _time_forward(module, timer)
+    with torch.inference_mode():
+        image = _torch_pipeline_call(pipe, job, timer, torch.from_numpy(np.load(job["latents"])))
+    return ready, image
+
+
+def _time_forward(module, timer: StepTimer) -> None:
+    forward = module.forward
 
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
@@ -103,10 +128,7 @@ def run_diffusers(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
         timer.add(time.perf_counter() - t0)
         return out
 
-    pipe.unet.forward = timed
-    with torch.inference_mode():
-        image = _torch_pipeline_call(pipe, job, timer, torch.from_numpy(np.load(job["latents"])))
-    return ready, image
+    module.forward = timed
 
 
 def run_optimum(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
