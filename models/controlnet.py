@@ -91,7 +91,7 @@ def train(config: ControlTrainConfig) -> Path:
     from transformers import CLIPTextModel
 
     from sdonnx.models.train import (
-        CAPTION_DROPOUT, TrainConfig, _config_record, _loss_log, alphas_cumprod, encode_drawings,
+        CAPTION_DROPOUT, TrainConfig, _config_record, _loss_log, encode_drawings, eps_weights,
     )
     from sdonnx.runtime.tokenizer import ClipTokenizer
 
@@ -114,11 +114,7 @@ def train(config: ControlTrainConfig) -> Path:
     hints = torch.from_numpy(np.stack([np.asarray(silhouette(s).convert("L")) for s in scenes])[:, None])  # uint8
     encode_seconds = round(time.monotonic() - started, 1)
     tokenizer = ClipTokenizer.from_folder(CLIP_TOKENIZER, max_length=77)
-    cumulative = alphas_cumprod()
-    snr = cumulative / (1 - cumulative)
-    train_config = TrainConfig(out=out)
-    x0_weights = snr.clamp(max=train_config.snr_gamma)
-    weights = (x0_weights + train_config.x0_weight_floor) / snr
+    cumulative, weights = eps_weights(TrainConfig(out=out))  # the embedded model's own loss weighting
 
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=0.0)
     started = time.monotonic()

@@ -71,7 +71,7 @@ def train(config: StyleConfig) -> Path:
 
     from sdonnx.models.lora import add_adapters, save_kohya
     from sdonnx.models.train import (
-        CAPTION_DROPOUT, TrainConfig, _config_record, _loss_log, alphas_cumprod, encode_drawings,
+        CAPTION_DROPOUT, TrainConfig, _config_record, _loss_log, encode_drawings, eps_weights,
     )
     from sdonnx.runtime.tokenizer import ClipTokenizer
 
@@ -89,10 +89,7 @@ def train(config: StyleConfig) -> Path:
     scenes, means, stds = encode_drawings(vae, TrainConfig(out=out), rng, config.drawings,
                                           lambda r, split="train": styled_scene(r))
     tokenizer = ClipTokenizer.from_folder(CLIP_TOKENIZER, max_length=77)
-    cumulative = alphas_cumprod()
-    snr = cumulative / (1 - cumulative)
-    defaults = TrainConfig(out=out)
-    weights = (snr.clamp(max=defaults.snr_gamma) + defaults.x0_weight_floor) / snr
+    cumulative, weights = eps_weights(TrainConfig(out=out))  # the embedded model's own loss weighting
     optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=0.0)
     started = time.monotonic()
     log, writer = _loss_log(out / "style-loss.csv", ["step", "loss"])

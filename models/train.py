@@ -330,6 +330,18 @@ def alphas_cumprod():
     return torch.cumprod(1 - betas, 0)
 
 
+def eps_weights(config: TrainConfig):
+    """(SCHEDULE's cumulative alphas, the eps loss's weight per timestep), torch float32 [1000] each.
+
+    The weights are those of the x0 error divided by SNR: min-SNR-gamma (Hang et al. 2023) caps the
+    low-noise end, config.x0_weight_floor lifts the high-noise end.
+    """
+    cumulative = alphas_cumprod()
+    snr = cumulative / (1 - cumulative)
+    x0_weights = snr.clamp(max=config.snr_gamma) if config.snr_gamma else snr
+    return cumulative, (x0_weights + config.x0_weight_floor) / snr
+
+
 def update_average(averaged, parameters, decay: float) -> None:
     """Move the parameters of the modules `averaged` towards `parameters` (same order): an EMA step."""
     import torch
@@ -364,12 +376,7 @@ def fit(text_encoder, unet, data: tuple, words: Callable, config: TrainConfig, s
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.unet_learning_rate, total_steps=steps, pct_start=0.05
     )
-    cumulative = alphas_cumprod()
-    snr = cumulative / (1 - cumulative)
-    # Weights per t of the eps loss, as weights of the x0 error divided by SNR: min-SNR-gamma (Hang et
-    # al. 2023) caps the low-noise end, the floor lifts the high-noise end.
-    x0_weights = snr.clamp(max=config.snr_gamma) if config.snr_gamma else snr
-    weights = (x0_weights + config.x0_weight_floor) / snr
+    cumulative, weights = eps_weights(config)
     averaged = (copy.deepcopy(text_encoder).eval(), copy.deepcopy(unet).eval()) if config.ema_decay else None
     if averaged:
         for module in averaged:

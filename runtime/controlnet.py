@@ -31,7 +31,9 @@ from PIL import Image
 
 from sdonnx.config import check_real
 from sdonnx.errors import InputError, ModelError
-from sdonnx.runtime.manifest import FORMAT_VERSION, MANIFEST_NAME, GraphSpec, TensorSpec, _graph, _Reader
+from sdonnx.runtime.manifest import (
+    FORMAT_VERSION, MANIFEST_NAME, GraphSpec, TensorSpec, _graph, _Reader, read_manifest_json,
+)
 from sdonnx.runtime.session import Session
 
 KIND = "controlnet"
@@ -89,12 +91,7 @@ class ControlNetManifest:
     @classmethod
     def read(cls, folder: Path) -> ControlNetManifest:
         path = Path(folder) / MANIFEST_NAME
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{path}: no manifest (expected a ControlNet folder written by `sdonnx export`)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{path}: unreadable manifest: {e}") from None
+        raw = read_manifest_json(path, "a ControlNet folder")
         r = _Reader(raw, str(path))
         if raw.get("kind") != KIND:
             raise ModelError(f"{path}: kind: got {raw.get('kind')!r}, expected {KIND!r} (a ControlNet folder from "

@@ -223,13 +223,7 @@ class Manifest:
     @classmethod
     def read(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelError(f"{path}: no manifest (expected a folder written by `sdonnx export`)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{path}: unreadable manifest: {e}") from None
-        return cls.from_dict(raw, where=str(path))
+        return cls.from_dict(read_manifest_json(path, "a folder"), where=str(path))
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -298,6 +292,16 @@ class Manifest:
             actual = sha256_file(path)
             if actual != expected:
                 raise ModelError(f"{path}: sha256 {actual} differs from the manifest's {expected} (file changed or corrupt)")
+
+
+def read_manifest_json(path: Path, kind: str) -> Any:
+    """The JSON in a manifest file; ModelError naming it when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no manifest (expected {kind} written by `sdonnx export`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable manifest: {e}") from None
 
 
 def _graph(r: _Reader) -> GraphSpec:

@@ -9,7 +9,6 @@ rounds to 8 bits (rounding alone is worth 0.5/255); noise is shared as in tests/
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import numpy as np
@@ -23,8 +22,8 @@ from sdonnx.runtime.noise import noise_source
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from diffusers_oracle import oracle_scheduler  # noqa: E402 (needs torch and diffusers)
 from test_img2img import init_image  # noqa: E402
+from test_img2img import share_noise as img2img_noise  # noqa: E402
 from test_pipeline_parity import (  # noqa: E402,F401 (fixtures are used by name)
     GUIDANCE, NEGATIVE_PROMPT, PROMPT, SEED, STEPS, pipelines, references,
 )
@@ -103,15 +102,7 @@ def check_delta(ours: np.ndarray, expected: np.ndarray, record_property) -> None
 
 def share_noise(monkeypatch, reference, noise):
     """diffusers' Euler for `reference`, every randn_tensor of the ControlNet pipelines drawing from `noise`."""
-    scheduler, _ = oracle_scheduler(monkeypatch, "euler", reference.scheduler.config, noise=noise)
-
-    def randn(shape, generator=None, device=None, dtype=None, **_):
-        draw = np.asarray(noise.standard_normal(tuple(shape)), dtype=np.float32)
-        return torch.from_numpy(draw).to(device=device, dtype=dtype or torch.float32)
-
-    for name in RANDN_MODULES:
-        monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn)
-    return scheduler
+    return img2img_noise(monkeypatch, "euler", reference, noise, RANDN_MODULES)
 
 
 # (id, ControlNets with their settings, diffusers kwargs): each case names its nets and settings once.

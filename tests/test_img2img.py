@@ -64,8 +64,8 @@ def init_image(size: int = 64, mode: str = "RGB", seed: int = 1) -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8)).convert(mode)
 
 
-def share_noise(monkeypatch, sampler: str, reference, noise) -> object:
-    """diffusers' scheduler for `sampler`, with every randn_tensor of the pipeline drawing from `noise`."""
+def share_noise(monkeypatch, sampler: str, reference, noise, modules: tuple[str, ...] = RANDN_MODULES) -> object:
+    """diffusers' scheduler for `sampler`, with every randn_tensor of `modules` drawing from `noise`."""
     import importlib
 
     scheduler, _ = oracle_scheduler(monkeypatch, sampler, reference.scheduler.config, noise=noise)
@@ -74,7 +74,7 @@ def share_noise(monkeypatch, sampler: str, reference, noise) -> object:
         draw = np.asarray(noise.standard_normal(tuple(shape)), dtype=np.float32)
         return torch.from_numpy(draw).to(device=device, dtype=dtype or torch.float32)
 
-    for name in RANDN_MODULES:
+    for name in modules:
         monkeypatch.setattr(importlib.import_module(name), "randn_tensor", randn)
     return scheduler
 
