@@ -27,6 +27,13 @@ DEFAULT_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-random"
 DEFAULT_CONTROLNET_OUT = Path.home() / ".cache" / "sdonnx" / "sd15-controlnet-random"
 
 
+def _fresh_partial(out: Path) -> Path:
+    """An empty OUT.partial beside `out` (a killed earlier build's removed), renamed to `out` when complete."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
 def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
     """Write a diffusers folder of SD 1.5's architecture (~4.3 GB fp32); reuse it if complete."""
     import torch
@@ -36,8 +43,7 @@ def build(out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
     out = Path(out)
     if (out / "model_index.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_partial(out)
     config = CONFIGS / "sd1"
     torch.manual_seed(seed)
     # One component at a time, so peak memory stays at the U-Net's 3.4 GB.
@@ -68,8 +74,7 @@ def build_controlnet(out: Path = DEFAULT_CONTROLNET_OUT, seed: int = 0) -> Path:
     out = Path(out)
     if (out / "config.json").is_file():
         return out
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _fresh_partial(out)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd1" / "unet" / "config.json").read_text()))
     net = ControlNetModel.from_unet(unet)

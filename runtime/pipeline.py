@@ -504,7 +504,7 @@ def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int
     for request, graph in zip(controls, graphs):
         image = np.repeat(request.image, batch, axis=0)
         cond.append(ControlHint(graph, image, np.ones(batch, bool), request.control))
-        uncond.append(ControlHint(graph, image.copy(), np.full(batch, not request.control.guess_mode), request.control))
+        uncond.append(ControlHint(graph, image, np.full(batch, not request.control.guess_mode), request.control))
     return tuple(cond), tuple(uncond)
 
 
