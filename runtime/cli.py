@@ -19,12 +19,10 @@ from PIL import Image, UnidentifiedImageError
 from sdonnx.config import config_from_args
 from sdonnx.errors import InputError
 from sdonnx.models import EMBEDDED_MODEL
-from sdonnx.runtime.controlnet import ControlNets, check_controls
 from sdonnx.runtime.integrity import verify_folder
-from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder, read_facts
-from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, requested_loras
+from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, check_before_load
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.request import check_request
 from sdonnx.runtime.sampling import SAMPLERS
@@ -115,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "-o", "--output", default="image.png", help="PNG path; with --batch N: NAME-1.png ... (default image.png)"
     )
-    _add_runtime_flags(generate)
+    add_runtime_flags(generate)
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(func=_generate)
 
@@ -132,11 +130,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("model", metavar="MODEL", nargs="?", type=Path, default=EMBEDDED_MODEL,
                       help="model folder (default: the embedded model)")
     info.add_argument("--verify", action="store_true", help="re-hash every file against manifest.json, cache or not")
-    _add_runtime_flags(info)
+    add_runtime_flags(info)
     info.set_defaults(func=_info)
 
 
-def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--provider", default="auto", help=f"auto, {', '.join(PROVIDERS)} or an ORT provider name")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: onnxruntime's choice)")
     parser.add_argument(
@@ -174,11 +172,8 @@ def _generate(args: argparse.Namespace) -> int:
     for name in ("lora_dir", "embeddings_dir", "control_dir"):
         if getattr(args, name) is not None and not getattr(args, name).is_dir():
             raise InputError(name, str(getattr(args, name)), "an existing folder")
-    request = check_request(facts, root, options.memory, config, init_image, mask)  # before any graph loads
-    config = request.config
-    Adapters(root, facts).prepare(requested_loras(config, args.lora_dir, root))
-    check_controls(config.control, ControlNets(None, options.memory), args.control_dir, facts, request.height,
-                   request.width, root)
+    config = check_before_load(root, facts, options.memory, config, init_image, mask, lora_dir=args.lora_dir,
+                               control_dir=args.control_dir).config
     if args.refiner is not None:
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:

@@ -127,17 +127,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
     InputError for a value sdonnx cannot honour (a sampler it lacks, a malformed number).
     """
-    lines = text.strip().split("\n")
-    settings = lines.pop() if len(_PARAM.findall(lines[-1])) >= 3 else ""
-    prompt: list[str] = []
-    negative: list[str] | None = None
-    for line in lines:
-        if negative is None and line.startswith(_NEGATIVE):
-            negative = [line[len(_NEGATIVE):].strip()]
-        else:
-            (prompt if negative is None else negative).append(line)
-    raw = {key.strip(): _unquote(value) for key, value in _PARAM.findall(settings)}
-    fields: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative or []).strip()}
+    prompt, negative, raw = split_parameters(text)
+    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     if "Sampler" in raw:
         fields["sampler"], schedule = _sampler(raw["Sampler"])
         if schedule is not None:
@@ -165,18 +156,48 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return fields
 
 
+def split_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """A `parameters` text -> (prompt, negative prompt, {setting key: value as written})."""
+    lines = text.strip().split("\n")
+    settings = lines.pop() if len(_PARAM.findall(lines[-1])) >= 3 else ""
+    prompt: list[str] = []
+    negative: list[str] | None = None
+    for line in lines:
+        if negative is None and line.startswith(_NEGATIVE):
+            negative = [line[len(_NEGATIVE):].strip()]
+        else:
+            (prompt if negative is None else negative).append(line)
+    raw = {key.strip(): _unquote(value) for key, value in _PARAM.findall(settings)}
+    return "\n".join(prompt).strip(), "\n".join(negative or []).strip(), raw
+
+
 def model_hash(model: ModelFolder) -> str | None:
     """10 hex digits naming the U-Net's weights that ran (see the module docstring); None without a manifest.
 
     Verified at load: the manifest's recorded hashes. Verification off: the files' sha256 on disk,
     from the verify cache (`integrity.file_digests`), so gigabytes are read once, not per image.
     """
-    unet_dir = PurePosixPath(model.manifest.graphs["unet"].path).parent
-    files = {path: digest for path, digest in model.manifest.files.items() if PurePosixPath(path).parent == unet_dir}
+    files = _unet_files(model.manifest)
     if not files:
         return None
     if not model.options.verify_integrity:
         files = integrity.file_digests(model.root, sorted(files))
+    return _hash_lines(files)
+
+
+def recorded_hash(manifest) -> str | None:
+    """The Model hash of a folder whose files match what its manifest records (as `ModelFolder.load`
+    verifies them), from the manifest alone: for listing models without loading them."""
+    files = _unet_files(manifest)
+    return _hash_lines(files) if files else None
+
+
+def _unet_files(manifest) -> dict[str, str]:
+    unet_dir = PurePosixPath(manifest.graphs["unet"].path).parent
+    return {path: digest for path, digest in manifest.files.items() if PurePosixPath(path).parent == unet_dir}
+
+
+def _hash_lines(files: Mapping[str, str]) -> str:
     lines = sorted(f"{path} {digest}" for path, digest in files.items())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:10]
 

@@ -124,7 +124,7 @@ class GenerationConfig:
         if self.guidance_interval is not None:
             object.__setattr__(self, "guidance_interval", tuple(float(v) for v in self.guidance_interval))
         if self.strength is not None:
-            check_strength(self.strength, self.steps or 1)
+            check_strength(self.strength, self.steps)
         check_int("clip_skip", self.clip_skip, 1, 12)
         check_choice("rng", self.rng, RNGS)
         for name in PAIR_FIELDS:
@@ -494,6 +494,21 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def check_before_load(
+    root: Path, facts: Manifest, memory, config: GenerationConfig, image: ImageInput | None = None,
+    mask: ImageInput | None = None, *, lora_dir: Path | None = None, control_dir: Path | None = None,
+) -> Request:
+    """`config` with its image, mask, LoRAs and ControlNets checked against a model folder's facts
+    (`model.read_facts`) before any graph loads: what the CLI and the server run so a bad request
+    fails in milliseconds. `memory`: the MemoryPolicy it will run under. Embedding words are checked
+    when the pipeline tokenizes."""
+    request = check_request(facts, root, memory, config, image, mask)
+    Adapters(root, facts).prepare(requested_loras(request.config, lora_dir, root))
+    check_controls(request.config.control, ControlNets(None, memory), control_dir, facts, request.height,
+                   request.width, root)
+    return request
 
 
 def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int

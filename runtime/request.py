@@ -106,11 +106,12 @@ def check_request(
     return Request(config, height, width, opened, mask, inpainting, runs)
 
 
-def check_strength(strength: object, steps: int) -> None:
-    """InputError unless strength is in [0, 1] and leaves at least one of `steps` to run."""
+def check_strength(strength: object, steps: int | None) -> None:
+    """InputError unless strength is in [0, 1] and leaves at least one of `steps` to run (steps None:
+    the model's recommended, checked once known)."""
     if not is_real(strength) or not 0.0 <= strength <= 1.0:
         raise InputError("strength", strength, "a number from 0 to 1")
-    if int(steps * strength) < 1:
+    if steps is not None and int(steps * strength) < 1:
         raise InputError("strength", strength, f"at least 1/{steps}, so that steps * strength makes one step")
 
 
@@ -129,9 +130,7 @@ def _resolved_strength(config, image: Image.Image | None, mask: object):
         if config.strength is not None:
             raise InputError("strength", config.strength, "an init image to go with it (img2img or inpaint)")
         return config
-    if config.strength is not None:
-        return config
-    strength = default_strength(mask)
+    strength = config.strength if config.strength is not None else default_strength(mask)
     check_strength(strength, config.steps)
     return replace(config, strength=strength)
 

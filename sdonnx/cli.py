@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdonnx.export import cli as export_cli
     from sdonnx.quantize import cli as quantize_cli
     from sdonnx.runtime import cli as runtime_cli
+    from sdonnx.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(
         prog="sdonnx", description="Stable Diffusion on ONNX Runtime: export checkpoints, generate images, inspect models."
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.register(subparsers)
     runtime_cli.register(subparsers)
     quantize_cli.register(subparsers)
+    serve_cli.register(subparsers)
     return parser
 
 

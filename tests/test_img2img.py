@@ -22,7 +22,7 @@ from PIL import Image
 
 from sdonnx.errors import InputError
 from sdonnx.runtime.noise import noise_source
-from sdonnx.runtime.pipeline import GenerationConfig
+from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
 from sdonnx.runtime.sampling import make_plan
 from sdonnx.runtime.schedules import strength_tail
 from tiny_models import KINDS
@@ -126,6 +126,16 @@ def test_strength_tail_cuts_like_diffusers(pipelines, steps, strength, kept):
 def test_strength_below_one_step_is_refused_before_any_work():
     with pytest.raises(InputError, match="strength") as error:
         GenerationConfig(PROMPT, steps=4, strength=0.2)
+    assert error.value.field == "strength"
+
+
+def test_strength_without_steps_is_checked_against_the_recommended_steps():
+    """No steps given: the model's recommended (the embedded model's 20) decide what strength runs."""
+    pipe = Pipeline.load(progress=False)
+    image = pipe(PROMPT, seed=0, steps=2)[0]
+    assert pipe.img2img(PROMPT, image=image, strength=0.5, seed=0)[0].info["strength"] == 0.5
+    with pytest.raises(InputError, match="1/20") as error:
+        pipe.img2img(PROMPT, image=image, strength=0.04, seed=0)
     assert error.value.field == "strength"
 
 

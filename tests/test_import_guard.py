@@ -1,4 +1,4 @@
-"""The runtime never imports torch, diffusers, transformers, optimum or onnx, not even lazily.
+"""The runtime and the server never import torch, diffusers, transformers, optimum or onnx, not even lazily.
 
 A fresh interpreter blocks them with a meta-path finder, imports every runtime module, builds the
 whole `sdonnx` command line (export and quantize register their subcommands without their extras),
@@ -37,6 +37,9 @@ SCRIPT = textwrap.dedent(
     modules = [m.name for m in pkgutil.iter_modules(sdonnx.runtime.__path__)]
     for name in modules:
         importlib.import_module(f"sdonnx.runtime.{{name}}")
+    import sdonnx.serve
+    for name in [m.name for m in pkgutil.iter_modules(sdonnx.serve.__path__)]:  # the server's too
+        importlib.import_module(f"sdonnx.serve.{{name}}")
     import sdonnx.cli
     sdonnx.cli.build_parser().parse_args(["quantize", "in", "out"])
     import sdonnx.models.evaluate, sdonnx.models.grid

@@ -1,0 +1,92 @@
+"""The models a server may run, by name, and the one it has loaded.
+
+`-m PATH` is a model folder (served alone, named after its folder) or a folder of model folders
+(each listed by /sdapi/v1/sd-models); no `-m`: the embedded model, named "embedded". Requests name
+models by those names (or A1111's "name [hash]" titles) only, never by path.
+
+Facts (`read_facts`) are read without loading graphs, for checking requests on the HTTP threads;
+`pipeline(name)` loads a model and keeps one loaded at a time, and only the worker thread calls it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from sdonnx.errors import InputError, SdonnxError
+from sdonnx.models import EMBEDDED_MODEL
+from sdonnx.runtime import lora
+from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.metadata import recorded_hash
+from sdonnx.runtime.model import MANIFEST_NAME, read_facts
+from sdonnx.runtime.pipeline import Pipeline
+from sdonnx.runtime.providers import RuntimeOptions
+
+MODEL_MARKERS = (MANIFEST_NAME, "model_index.json")  # sdonnx's and optimum's exports
+
+
+class Catalog:
+    """Model names -> folders; the loaded Pipeline (one at a time); the LoRA and ControlNet folders."""
+
+    def __init__(self, path: Path | str | None, options: RuntimeOptions, *, lora_dir: Path | None = None,
+                 control_dir: Path | None = None, embeddings_dir: Path | None = None):
+        self.options, self.lora_dir = options, lora_dir
+        self.control_dir, self.embeddings_dir = control_dir, embeddings_dir
+        self.folders = _model_folders(path)
+        self._facts: dict[str, tuple[Path, Manifest]] = {}
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Pipeline] | None = None
+        for name in self.folders:  # a folder that is no model fails at start, not at its first request
+            self.facts(name)
+
+    @property
+    def default(self) -> str:
+        return next(iter(self.folders))
+
+    def name_of(self, given: object, field: str) -> str:
+        """A listed model's name from its name or its title ("name [hash]"); InputError otherwise."""
+        for name in self.folders:
+            if given in (name, self.title(name)):
+                return name
+        raise InputError(field, given, f"one of the served models {sorted(self.folders)} (GET /sdapi/v1/sd-models)")
+
+    def facts(self, name: str) -> tuple[Path, Manifest]:
+        with self._lock:
+            if name not in self._facts:
+                self._facts[name] = read_facts(self.folders[name])
+            return self._facts[name]
+
+    def title(self, name: str) -> str:
+        """A1111's checkpoint title, "name [hash]", the hash being the PNG parameters' Model hash."""
+        digest = recorded_hash(self.facts(name)[1])
+        return f"{name} [{digest}]" if digest else name
+
+    def loras(self, name: str) -> dict[str, Path]:
+        """LoRA name -> file: the LoRA folder's, then the model's own (as prompts resolve them)."""
+        root = self.facts(name)[0]
+        return {**lora.available(root / lora.MODEL_LORAS), **lora.available(self.lora_dir)}
+
+    def pipeline(self, name: str) -> Pipeline:
+        """The loaded pipeline of model `name`, loading it (and releasing the other) if needed."""
+        if self._loaded is None or self._loaded[0] != name:
+            self._loaded = None  # release the old model's sessions before loading the next
+            pipe = Pipeline.load(self.folders[name], self.options, progress=False, lora_dir=self.lora_dir,
+                                 embeddings_dir=self.embeddings_dir, control_dir=self.control_dir)
+            self._loaded = (name, pipe)
+        return self._loaded[1]
+
+
+def _model_folders(path: Path | str | None) -> dict[str, Path]:
+    if path is None:
+        return {"embedded": EMBEDDED_MODEL}
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError("model", str(path), "a model folder, or a folder of model folders")
+    if any((root / marker).is_file() for marker in MODEL_MARKERS):
+        return {root.name: root}
+    folders = {p.name: p for p in sorted(root.iterdir())
+               if p.is_dir() and any((p / m).is_file() for m in MODEL_MARKERS)}
+    if not folders:
+        raise SdonnxError(f"{root}: neither a model folder nor a folder of model folders (none holds "
+                          f"{' or '.join(MODEL_MARKERS)})")
+    return folders
