@@ -38,6 +38,7 @@ from sdonnx.runtime.pipeline import GenerationCancelled, GenerationConfig, check
 from sdonnx.runtime.prompts import lora_tags
 from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
 from sdonnx.serve.catalog import Catalog
+from sdonnx.serve.config import Limits
 
 MAX_SEED = 2**32 - 1  # a random seed short enough to retype, as A1111 draws them
 MAX_ITERATIONS = 64
@@ -139,9 +140,11 @@ class Result:
     timestamp: str  # when the job began, A1111's job_timestamp
 
 
-def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip: int = 1) -> Work:
-    """`body` -> Work, checked against the model (InputError naming A1111's field) without loading it.
-    current: the model /options selected; override_settings.sd_model_checkpoint may name another."""
+def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip: int = 1,
+              limits: Limits = Limits()) -> Work:
+    """`body` -> Work, checked against the server's limits and the model (InputError naming A1111's
+    field) without loading it. current: the model /options selected; override_settings'
+    sd_model_checkpoint may name another."""
     img2img = isinstance(body, Img2ImgRequest)
     for name, off in UNSUPPORTED.items():
         value = getattr(body, name, None)
@@ -168,7 +171,8 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
                                     lora_dir=catalog.lora_dir)
     except InputError as e:
         raise as_a1111(e) from None
-    return Work(model, request.config.with_defaults(facts.recommended), body.n_iter,
+    check_limits(request.config, body.n_iter, request.height, request.width, limits)
+    return Work(model, request.config, body.n_iter,
                 "img2img" if img2img else "txt2img", image, mask)
 
 
@@ -225,7 +229,7 @@ def response(body: BaseModel, work: Work, result: Result) -> dict[str, Any]:
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
 
 
-def translate_openai(body: OpenAIImageRequest, catalog: Catalog, current: str) -> Work:
+def translate_openai(body: OpenAIImageRequest, catalog: Catalog, current: str, *, limits: Limits = Limits()) -> Work:
     """OpenAI's generations request as a txt2img one: n images, size "WxH"; only b64_json responses."""
     if body.response_format != "b64_json":
         raise InputError("response_format", body.response_format, '"b64_json" (this server keeps no image URLs)')
@@ -238,7 +242,7 @@ def translate_openai(body: OpenAIImageRequest, catalog: Catalog, current: str) -
     request = Txt2ImgRequest(prompt=body.prompt, batch_size=body.n, width=width, height=height,
                              override_settings={"sd_model_checkpoint": body.model} if body.model else None)
     try:
-        return translate(request, catalog, current)
+        return translate(request, catalog, current, limits=limits)
     except InputError as e:
         raise InputError({"batch_size": "n", "width": "size", "height": "size",
                           "override_settings.sd_model_checkpoint": "model"}.get(e.field, e.field),
@@ -290,6 +294,18 @@ def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]
     if schedule not in SAMPLERS[sampler].schedules:
         raise InputError("scheduler", scheduler or schedule, f"one of {SAMPLERS[sampler].schedules} for {sampler}")
     return sampler, schedule
+
+
+def check_limits(config: GenerationConfig, n_iter: int, height: int, width: int, limits: Limits) -> None:
+    """The server's own limits (`sdonnx serve --max-steps/--max-images/--max-side`)."""
+    if config.steps > limits.max_steps:
+        raise InputError("steps", config.steps, f"at most {limits.max_steps} on this server (--max-steps)")
+    if config.batch * n_iter > limits.max_images:
+        raise InputError("batch_size", config.batch, f"batch_size x n_iter ({n_iter}) at most {limits.max_images} "
+                         "on this server (--max-images)")
+    for name, side in (("width", width), ("height", height)):
+        if side > limits.max_side:
+            raise InputError(name, side, f"at most {limits.max_side} on this server (--max-side)")
 
 
 def check_iterations(n_iter: object) -> None:

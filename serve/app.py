@@ -44,6 +44,9 @@ class Server:
         self.model = self.catalog.default
         self.clip_skip = 1
 
+    def translate(self, body: Txt2ImgRequest) -> a1111.Work:
+        return a1111.translate(body, self.catalog, self.model, clip_skip=self.clip_skip, limits=self.config.limits)
+
     async def run(self, request: Request, work: Callable[[], a1111.Work]) -> tuple[a1111.Work, a1111.Result]:
         """Check the request (threadpool), queue it, wait for it; cancel it if the client leaves."""
         checked = await run_in_threadpool(work)
@@ -96,14 +99,12 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
 
     @app.post("/sdapi/v1/txt2img", dependencies=guard, tags=["a1111"])
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict[str, Any]:
-        work, result = await server.run(request, lambda: a1111.translate(body, server.catalog, server.model,
-                                                                         clip_skip=server.clip_skip))
+        work, result = await server.run(request, lambda: server.translate(body))
         return await run_in_threadpool(a1111.response, body, work, result)
 
     @app.post("/sdapi/v1/img2img", dependencies=guard, tags=["a1111"])
     async def img2img(body: Img2ImgRequest, request: Request) -> dict[str, Any]:
-        work, result = await server.run(request, lambda: a1111.translate(body, server.catalog, server.model,
-                                                                         clip_skip=server.clip_skip))
+        work, result = await server.run(request, lambda: server.translate(body))
         return await run_in_threadpool(a1111.response, body, work, result)
 
     @app.get("/sdapi/v1/progress", dependencies=guard, tags=["a1111"])
@@ -169,7 +170,8 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
 
     @app.post("/v1/images/generations", dependencies=guard, tags=["openai"])
     async def openai_generations(body: OpenAIImageRequest, request: Request) -> dict[str, Any]:
-        work, result = await server.run(request, lambda: a1111.translate_openai(body, server.catalog, server.model))
+        work, result = await server.run(request, lambda: a1111.translate_openai(
+            body, server.catalog, server.model, limits=config.limits))
         images = await run_in_threadpool(
             lambda: [a1111.png_base64(i, t) for i, t in zip(result.images, result.infotexts)])
         return {"created": int(time.time()), "data": [{"b64_json": b64, "revised_prompt": work.config.prompt}

@@ -13,6 +13,7 @@ from pathlib import Path
 from sdonnx.config import config_from_args
 from sdonnx.errors import SdonnxError
 from sdonnx.runtime.providers import RuntimeOptions
+from sdonnx.serve.config import Limits, ServeConfig, parse_auth
 
 GRACEFUL_SECONDS = 30  # on Ctrl-C or SIGTERM: how long the running job may take to finish
 
@@ -32,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="require HTTP basic auth (as A1111)")
     serve.add_argument("--insecure-no-auth", action="store_true",
                        help="allow a non-loopback --host without --api-auth")
+    serve.add_argument("--max-steps", type=int, default=Limits.max_steps,
+                       help=f"most sampler steps a request may ask (default {Limits.max_steps})")
+    serve.add_argument("--max-images", type=int, default=Limits.max_images,
+                       help=f"most images per request, batch_size x n_iter (default {Limits.max_images})")
+    serve.add_argument("--max-side", type=int, default=Limits.max_side,
+                       help=f"longest image side in pixels a request may ask (default {Limits.max_side})")
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB (default 32)")
     serve.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRAs that prompts may name (<lora:NAME:W>)")
     serve.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion files")
@@ -42,13 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     """Serve A1111's /sdapi/v1 API (txt2img, img2img, progress, ...), OpenAI's /v1/images/generations
     and a web page at /, one generation at a time with a bounded queue."""
-    from sdonnx.serve.config import ServeConfig, parse_auth
-
     config = ServeConfig(
         model=args.model, host=args.host, port=args.port, max_queue=args.max_queue,
         api_auth=parse_auth(args.api_auth) if args.api_auth else (), insecure_no_auth=args.insecure_no_auth,
         max_body_bytes=int(args.max_body_mb * 2**20), lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-        options=config_from_args(RuntimeOptions, args),
+        options=config_from_args(RuntimeOptions, args), limits=config_from_args(Limits, args),
     )
     try:
         import uvicorn

@@ -15,6 +15,21 @@ LOOPBACK_NAMES = ("localhost",)
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a shared server, beyond what the model and memory allow: steps,
+    images (batch_size x n_iter) and the longer side in pixels. Requests over them get 422."""
+
+    max_steps: int = 150  # A1111's UI slider ends here
+    max_images: int = 16
+    max_side: int = 2048
+
+    def __post_init__(self):
+        check_int("max_steps", self.max_steps, 1, 1000)
+        check_int("max_images", self.max_images, 1, 4096)
+        check_int("max_side", self.max_side, 8, 8192)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """What `sdonnx serve` runs: the model(s), the bind address, the limits and the credentials.
 
@@ -32,6 +47,7 @@ class ServeConfig:
     control_dir: Path | None = None
     embeddings_dir: Path | None = None
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self):
         check_int("port", self.port, 0, 65535)

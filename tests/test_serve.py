@@ -33,7 +33,7 @@ from sdonnx.errors import InputError  # noqa: E402
 from sdonnx.models import EMBEDDED_MODEL  # noqa: E402
 from sdonnx.runtime.pipeline import Pipeline  # noqa: E402
 from sdonnx.serve.app import create_app  # noqa: E402
-from sdonnx.serve.config import ServeConfig, parse_auth  # noqa: E402
+from sdonnx.serve.config import Limits, ServeConfig, parse_auth  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 LONG_STEPS = 600  # a job long enough (seconds) to watch, interrupt or queue behind
@@ -67,7 +67,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def served():
-    running = Running(ServeConfig(port=free_port(), max_queue=2))
+    running = Running(ServeConfig(port=free_port(), max_queue=2, limits=Limits(max_steps=1000)))
     yield running
     running.stop()
 
@@ -337,7 +337,8 @@ def test_cli_refuses_an_open_host_and_drains_on_sigterm(tmp_path):
     assert refused.returncode == 2 and "--host: got '0.0.0.0'" in refused.stderr
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([*cli, "--port", str(port), "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*cli, "--port", str(port), "--threads", "1", "--max-steps", "1000"],
+                               stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: _answers(url + "/health"), timeout=60)
         api = webuiapi.WebUIApi(baseurl=url + "/sdapi/v1")
