@@ -10,7 +10,9 @@ needs HTTP basic auth (A1111's --api-auth); bodies over `max_body_bytes` get 413
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import socket
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -85,6 +87,8 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
                   description="Stable Diffusion on ONNX Runtime, with AUTOMATIC1111's /sdapi/v1 API")
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(NameTheProcess)
+
     add_error_handlers(app)
     guard = [Depends(basic_auth(config.api_auth))]
 
@@ -259,6 +263,23 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
+
+
+class NameTheProcess:
+    """ASGI middleware: X-Sdonnx-Process (host:pid) on every answer, to tell which replica served it.
+    (Pure ASGI: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes.)"""
+
+    def __init__(self, app):
+        self.app = app
+        self.header = (b"x-sdonnx-process", f"{socket.gethostname()}:{os.getpid()}".encode())
+
+    async def __call__(self, scope, receive, send):
+        async def named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
 
 
 class _TooLarge(Exception):

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from sdonnx.config import config_from_args
-from sdonnx.errors import SdonnxError
+from sdonnx.errors import InputError, SdonnxError
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.serve.config import Limits, ServeConfig, parse_auth
 
@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB (default 32)")
     serve.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRAs that prompts may name (<lora:NAME:W>)")
     serve.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion files")
+    serve.add_argument("--ray", action="store_true",
+                       help="scale out on Ray Serve: --replicas processes, each one model (the ray extra)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas to start (default 1)")
+    serve.add_argument("--max-replicas", type=int,
+                       help="with --ray: let Ray's autoscaler add replicas up to this many while requests wait")
     add_runtime_flags(serve)
     serve.set_defaults(func=_serve)
 
@@ -55,6 +60,15 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20), lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
         options=config_from_args(RuntimeOptions, args), limits=config_from_args(Limits, args),
     )
+    if args.ray:
+        try:
+            from sdonnx.serve import ray as ray_app
+        except ImportError as e:
+            raise SdonnxError(f"sdonnx serve --ray needs the ray extra: pip install 'sdonnx[ray]' ({e})") from None
+        ray_app.run(config, replicas=args.replicas, max_replicas=args.max_replicas, max_queued=args.max_queue)
+        return 0
+    if args.replicas != 1 or args.max_replicas is not None:
+        raise InputError("replicas", args.replicas, "--ray too (one process serves one model otherwise)")
     try:
         import uvicorn
 

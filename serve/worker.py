@@ -81,7 +81,7 @@ class Worker:
         with self._lock:
             if self._stopping:
                 raise Stopping("the server is shutting down")
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) + (self._current is not None) > self.max_queue:  # 0: none may wait
                 raise Busy(len(self._pending), self._retry_after())
             job = Job(run, label)
             self._pending.append(job)
