@@ -403,6 +403,8 @@ class Adapters:
 
     def prepare(self, choices: Sequence[LoraChoice]) -> list[tuple[Lora, float]]:
         """Each chosen file parsed and checked against this model (shapes included), no graph opened."""
+        if not choices:
+            return []
         maps = {c: self.weight_map(c) for c in self.components}
         parsed, out = {}, []
         for choice in choices:

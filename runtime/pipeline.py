@@ -499,13 +499,15 @@ class Pipeline:
 def check_before_load(
     root: Path, facts: Manifest, memory, config: GenerationConfig, image: ImageInput | None = None,
     mask: ImageInput | None = None, *, lora_dir: Path | None = None, control_dir: Path | None = None,
+    tokenizers: Mapping[str, ClipTokenizer] | None = None, adapters: Adapters | None = None,
 ) -> Request:
     """`config` with its image, mask, LoRAs and ControlNets checked against a model folder's facts
     (`model.read_facts`) before any graph loads: what the CLI and the server run so a bad request
-    fails in milliseconds. `memory`: the MemoryPolicy it will run under. Embedding words are checked
-    when the pipeline tokenizes."""
-    request = check_request(facts, root, memory, config, image, mask)
-    Adapters(root, facts).prepare(requested_loras(request.config, lora_dir, root))
+    fails in milliseconds. `memory`: the MemoryPolicy it will run under. tokenizers, adapters: the
+    folder's, kept by a caller that checks many requests (read from the folder when None). Embedding
+    words are checked when the pipeline tokenizes."""
+    request = check_request(facts, root, memory, config, image, mask, tokenizers=tokenizers)
+    (adapters or Adapters(root, facts)).prepare(requested_loras(request.config, lora_dir, root))
     check_controls(request.config.control, ControlNets(None, memory), control_dir, facts, request.height,
                    request.width, root)
     return request

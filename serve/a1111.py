@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdonnx import __version__
 from sdonnx.errors import InputError
 from sdonnx.runtime.metadata import format_parameters, split_parameters
-from sdonnx.runtime.pipeline import GenerationCancelled, GenerationConfig, check_before_load
+from sdonnx.runtime.pipeline import GenerationCancelled, GenerationConfig
 from sdonnx.runtime.prompts import lora_tags
 from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
 from sdonnx.serve.catalog import Catalog
@@ -167,8 +167,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
         config = GenerationConfig(**fields)
         check_seed_range(config, body.n_iter)
         check_lora_names(config.prompt, catalog.loras(model))
-        request = check_before_load(root, facts, catalog.options.memory, config, image, mask,
-                                    lora_dir=catalog.lora_dir)
+        request = catalog.check(model, config, image, mask)
     except InputError as e:
         raise as_a1111(e) from None
     check_limits(request.config, body.n_iter, request.height, request.width, limits)

@@ -50,7 +50,9 @@ class Server:
         return a1111.translate(body, self.catalog, self.model, clip_skip=self.clip_skip, limits=self.config.limits)
 
     async def run(self, request: Request, work: Callable[[], a1111.Work]) -> tuple[a1111.Work, a1111.Result]:
-        """Check the request (threadpool), queue it, wait for it; cancel it if the client leaves."""
+        """Check the request (threadpool), queue it, wait for it; cancel it if the client leaves.
+        A full queue answers before the checks, which would take the cores the running job needs."""
+        self.worker.check_room()
         checked = await run_in_threadpool(work)
         job = self.worker.submit(lambda worker: a1111.run(checked, worker, self.catalog), checked.label)
         return checked, await self.wait(request, job)

@@ -16,10 +16,13 @@ from pathlib import Path
 from sdonnx.errors import InputError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime import lora
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
 from sdonnx.runtime.metadata import recorded_hash
 from sdonnx.runtime.model import MANIFEST_NAME, read_facts
-from sdonnx.runtime.pipeline import Pipeline
+from sdonnx.runtime.lora import Adapters
+from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, check_before_load
+from sdonnx.runtime.request import Request
+from sdonnx.runtime.tokenizer import ClipTokenizer
 from sdonnx.runtime.providers import RuntimeOptions
 
 MODEL_MARKERS = (MANIFEST_NAME, "model_index.json")  # sdonnx's and optimum's exports
@@ -34,8 +37,9 @@ class Catalog:
         self.control_dir, self.embeddings_dir = control_dir, embeddings_dir
         self.folders = _model_folders(path)
         self._facts: dict[str, tuple[Path, Manifest]] = {}
-        self._lock = threading.Lock()
+        self._lock, self._facts_lock = threading.Lock(), threading.Lock()
         self._loaded: tuple[str, Pipeline] | None = None
+        self._checkers: dict[str, tuple] = {}  # name -> (tokenizers, Adapters) for checking requests
         for name in self.folders:  # a folder that is no model fails at start, not at its first request
             self.facts(name)
 
@@ -51,7 +55,7 @@ class Catalog:
         raise InputError(field, given, f"one of the served models {sorted(self.folders)} (GET /sdapi/v1/sd-models)")
 
     def facts(self, name: str) -> tuple[Path, Manifest]:
-        with self._lock:
+        with self._facts_lock:
             if name not in self._facts:
                 self._facts[name] = read_facts(self.folders[name])
             return self._facts[name]
@@ -66,6 +70,17 @@ class Catalog:
         root = self.facts(name)[0]
         return {**lora.available(root / lora.MODEL_LORAS), **lora.available(self.lora_dir)}
 
+    def check(self, name: str, config: GenerationConfig, image=None, mask=None) -> Request:
+        """`config` checked against model `name` before it queues (`check_before_load`), with the
+        model's tokenizers and LoRA maps read once, not per request."""
+        root, facts = self.facts(name)
+        with self._lock:
+            if name not in self._checkers:
+                self._checkers[name] = (load_folder_tokenizers(root, facts), Adapters(root, facts))
+            tokenizers, adapters = self._checkers[name]
+            return check_before_load(root, facts, self.options.memory, config, image, mask, lora_dir=self.lora_dir,
+                                     control_dir=self.control_dir, tokenizers=tokenizers, adapters=adapters)
+
     def pipeline(self, name: str) -> Pipeline:
         """The loaded pipeline of model `name`, loading it (and releasing the other) if needed."""
         if self._loaded is None or self._loaded[0] != name:
@@ -74,6 +89,12 @@ class Catalog:
                                  embeddings_dir=self.embeddings_dir, control_dir=self.control_dir)
             self._loaded = (name, pipe)
         return self._loaded[1]
+
+
+def load_folder_tokenizers(root: Path, facts: Manifest) -> dict[str, ClipTokenizer]:
+    """Each text encoder's tokenizer, from the folder (as check_request reads them)."""
+    return {name: ClipTokenizer.from_folder(root / TOKENIZERS[name], facts.tokenizer_max_length)
+            for name in text_encoders(facts)}
 
 
 def _model_folders(path: Path | str | None) -> dict[str, Path]:

@@ -16,6 +16,8 @@ See docs/serve.md for running this on a multi-node cluster (KubeRay).
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 from ray import serve
 
 from sdonnx.config import check_int
+from sdonnx.errors import InputError
 from sdonnx.runtime.providers import RuntimeOptions
 from sdonnx.serve.config import ServeConfig
 
@@ -63,17 +66,23 @@ def deployment(config: ServeConfig, *, replicas: int = 1, max_replicas: int | No
 
 def build_app(args: Mapping[str, str]) -> serve.Application:
     """`serve run sdonnx.serve.ray:build_app key=value ...`: model, threads, replicas, max_replicas,
-    max_queued, api_auth, lora_dir (as `sdonnx serve`'s flags)."""
+    max_queued, lora_dir (as `sdonnx serve`'s flags), and api_auth_env: the environment variable that
+    holds USER:PASS (so the password stays in a secret, not in the Serve config)."""
     from sdonnx.serve.config import parse_auth
 
-    known = {"model", "threads", "replicas", "max_replicas", "max_queued", "api_auth", "lora_dir"}
+    known = {"model", "threads", "replicas", "max_replicas", "max_queued", "api_auth_env", "lora_dir"}
     unknown = sorted(set(args) - known)
     if unknown:
-        raise ValueError(f"unknown arguments {unknown}; expected some of {sorted(known)}")
+        raise InputError("args", unknown, f"some of {sorted(known)}")
+    auth = ()
+    if "api_auth_env" in args:
+        if not os.environ.get(args["api_auth_env"]):
+            raise InputError("api_auth_env", args["api_auth_env"], "an environment variable holding USER:PASS")
+        auth = parse_auth(os.environ[args["api_auth_env"]])
     config = ServeConfig(
         model=Path(args["model"]) if "model" in args else None,
-        host="0.0.0.0", insecure_no_auth="api_auth" not in args,  # Ray's proxy binds; replicas only see it
-        api_auth=parse_auth(args["api_auth"]) if "api_auth" in args else (),
+        host="0.0.0.0", insecure_no_auth=not auth,  # Ray's proxy binds the port; replicas never do
+        api_auth=auth,
         lora_dir=Path(args["lora_dir"]) if "lora_dir" in args else None,
         options=RuntimeOptions(threads=int(args.get("threads", 1))),
     )
@@ -83,13 +92,24 @@ def build_app(args: Mapping[str, str]) -> serve.Application:
 
 
 def run(config: ServeConfig, *, replicas: int, max_replicas: int | None, max_queued: int) -> None:
-    """`sdonnx serve --ray`: start a local Ray (or join RAY_ADDRESS), serve until Ctrl-C."""
+    """`sdonnx serve --ray`: start a local Ray (or join RAY_ADDRESS), serve until Ctrl-C or SIGTERM,
+    then shut the application and the Ray processes this started down."""
     import ray
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
     app = deployment(config, replicas=replicas, max_replicas=max_replicas, max_queued=max_queued)
+    signal.signal(signal.SIGTERM, stop)
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(app, name="sdonnx", route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(app, name="sdonnx", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 app = deployment(ServeConfig(host="0.0.0.0", insecure_no_auth=True))

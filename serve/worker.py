@@ -76,13 +76,16 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="sdonnx-worker", daemon=True)
         self._thread.start()
 
+    def check_room(self) -> None:
+        """Busy if the queue is full, Stopping after shutdown began: what a request asks before its
+        checks, so a full server turns requests away without spending cores on them."""
+        with self._lock:
+            self._check_room()
+
     def submit(self, run: Callable[[Worker], Any], label: str) -> Job:
         """Queue `run`; Busy when the queue is full, Stopping after shutdown began."""
         with self._lock:
-            if self._stopping:
-                raise Stopping("the server is shutting down")
-            if len(self._pending) + (self._current is not None) > self.max_queue:  # 0: none may wait
-                raise Busy(len(self._pending), self._retry_after())
+            self._check_room()
             job = Job(run, label)
             self._pending.append(job)
             self._lock.notify()
@@ -157,6 +160,12 @@ class Worker:
         if self._thread.is_alive():
             self.interrupt()
             self._thread.join()
+
+    def _check_room(self) -> None:
+        if self._stopping:
+            raise Stopping("the server is shutting down")
+        if len(self._pending) + (self._current is not None) > self.max_queue:  # 0: none may wait
+            raise Busy(len(self._pending), self._retry_after())
 
     def _retry_after(self) -> int:
         """Seconds until the queue has likely moved by one: the median of recent job durations."""

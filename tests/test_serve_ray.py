@@ -5,6 +5,7 @@ the application is still up afterwards."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -51,3 +52,29 @@ def test_two_replicas_take_a_burst_with_only_200_and_503(ray_url):
     assert all(r.json()["images"][0] == first for r in replies if r.status_code == 200)  # same seed, same image
     time.sleep(0.5)
     assert requests.post(ray_url + "/sdapi/v1/txt2img", json={**body, "steps": 4}, timeout=120).status_code == 200
+
+
+def test_the_kuberay_manifest_builds_the_app(monkeypatch, tmp_path):
+    """docs/kuberay-sdonnx.yaml's application args are ones build_app takes (so the doc is not stale)."""
+    yaml = pytest.importorskip("yaml")
+    from sdonnx.errors import InputError
+    from sdonnx.models import EMBEDDED_MODEL
+    from sdonnx.serve.ray import build_app
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "docs" / "kuberay-sdonnx.yaml").read_text())
+    args = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]
+    (tmp_path / "embedded").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
+    args["model"] = str(tmp_path)
+    with pytest.raises(InputError, match="api_auth_env"):
+        build_app(args)  # the secret's variable is not set
+    monkeypatch.setenv(args["api_auth_env"], "ann:s3cret")
+    deployment = build_app(args)._bound_deployment
+    config = deployment.init_args[0]
+    assert config.api_auth == (("ann", "s3cret"),) and config.options.threads == int(args["threads"])
+    assert deployment.ray_actor_options == {"num_cpus": int(args["threads"])}
+    assert deployment._deployment_config.max_ongoing_requests == 1
+    assert deployment._deployment_config.max_queued_requests == int(args["max_queued"])
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (int(args["replicas"]), int(args["max_replicas"]))
+    with pytest.raises(InputError, match="args"):
+        build_app({"replica": "2"})
