@@ -244,8 +244,26 @@ def _model_facts(source: SourceModel) -> dict:
         tokenizer_max_length=text_max_length(source),
         schedule=schedule,
         source=source.description,
+        latent_rgb=_latent_rgb(source.vae),
         **_text_time_facts(source),
     )
+
+
+def _latent_rgb(vae):
+    """The step-preview map (runtime/previews.py) fitted against this VAE's encoder means."""
+    import torch
+
+    from sdonnx.export.graphs import vae_downsample
+    from sdonnx.runtime.previews import fit_latent_rgb
+
+    scale, shift = float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def encode(pixels):
+        with torch.no_grad():
+            mean = vae.encode(torch.from_numpy(pixels).to(vae.dtype)).latent_dist.mean
+        return (mean.float().numpy() - shift) * scale
+
+    return fit_latent_rgb(encode, vae_downsample(vae))
 
 
 def _family(source: SourceModel, cross_attention_dim: int) -> str:

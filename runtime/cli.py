@@ -16,8 +16,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from sdonnx.config import config_from_args
+from sdonnx.config import check_int, config_from_args
 from sdonnx.errors import InputError
+from sdonnx.files import replace_file
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.integrity import verify_folder
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
@@ -115,6 +116,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_runtime_flags(generate)
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--preview", type=Path, metavar="FILE.png",
+                          help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
+    generate.add_argument("--preview-every", type=int, default=1, metavar="N",
+                          help="with --preview: every N steps (default 1)")
     generate.set_defaults(func=_generate)
 
     preprocess = subparsers.add_parser("preprocess", help="make a control image (canny edges) for --control-image",
@@ -167,6 +172,10 @@ def _generate(args: argparse.Namespace) -> int:
     if mask is not None and init_image is None:
         raise InputError("mask", str(mask), "--init-image too (the image to inpaint)")
     outputs = output_paths(args.output, config.batch)
+    if args.preview is not None:
+        check_int("preview_every", args.preview_every, 1)
+        if args.preview.suffix.lower() != ".png" or not args.preview.parent.is_dir():
+            raise InputError("preview", str(args.preview), "a .png path in an existing folder")
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
     for name in ("lora_dir", "embeddings_dir", "control_dir"):
@@ -188,7 +197,8 @@ def _generate(args: argparse.Namespace) -> int:
                          embeddings_dir=args.embeddings_dir, control_dir=args.control_dir)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
-    images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner)
+    images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner, callback=preview_writer(args),
+                           previews=args.preview is not None)
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
     for image, path in zip(images, outputs):
@@ -200,6 +210,19 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"wrote {path}")
     return 0
+
+
+def preview_writer(args: argparse.Namespace):
+    """With --preview: a step callback that rewrites the preview file every --preview-every steps."""
+    if args.preview is None:
+        return None
+
+    def write(step: int, sigma: float, latents, preview) -> None:
+        if (step + 1) % args.preview_every == 0:
+            image = preview()[0]
+            replace_file(args.preview, lambda f: image.save(f, format="PNG"))
+
+    return write
 
 
 def _config(args: argparse.Namespace) -> GenerationConfig:

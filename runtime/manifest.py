@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from sdonnx.errors import ModelError
+from sdonnx.runtime.previews import LatentRGB
 from sdonnx.runtime.weights import WeightRef, read_map
 
 MANIFEST_NAME = "manifest.json"
@@ -202,6 +203,8 @@ class Manifest:
     time_ids: tuple[str, ...] | None = None
     force_zeros_for_empty_prompt: bool = False
     vae_force_upcast: bool = False
+    # Step previews (previews.py): the least-squares map from a latent pixel to its RGB; None: none fitted.
+    latent_rgb: LatentRGB | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -280,6 +283,8 @@ class Manifest:
             time_ids=_time_ids(r.get("time_ids", list, optional=True), where),
             force_zeros_for_empty_prompt=r.get("force_zeros_for_empty_prompt", bool, optional=True) or False,
             vae_force_upcast=r.get("vae_force_upcast", bool, optional=True) or False,
+            latent_rgb=None if raw.get("latent_rgb") is None else LatentRGB.from_json(
+                raw["latent_rgb"], r.get("latent_channels", int, positive=True), where),
             format_version=version,
         )
 

@@ -28,6 +28,7 @@ either way. A folder without manifest.json (an optimum export) gets no Model has
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from pathlib import Path, PurePosixPath
@@ -212,6 +213,16 @@ def read_parameters(path: Path) -> str:
     if not text or not text.strip():
         raise InputError("from_png", str(path), f"a PNG with a {PNG_KEY!r} text chunk (sdonnx and A1111 write one)")
     return text
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """`image` as PNG bytes, with its `parameters` text when given (what the server sends)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text(PNG_KEY, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def write_png(image: Image.Image, path: Path, parameters: str) -> None:

@@ -12,6 +12,8 @@ alone; that seed (the first one chosen at random when none is given) is recorded
 
 A progress `callback(step, sigma, latents)` runs after every sampler step; returning `False` (not
 just a falsy value) stops the run by raising `GenerationCancelled` from inside the sampler loop.
+With `previews=True` it is called as `callback(step, sigma, latents, preview)`: `preview()` returns
+the images of the step's x0 estimate (previews.py), computed only if the callback calls it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
+from sdonnx.runtime.previews import preview_of
 from sdonnx.runtime.prompts import lora_tags, strip_tags
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
@@ -53,7 +56,8 @@ MAX_BATCH = 256  # images per request; memory-bound batches are split into runs 
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
-StepCallback = Callable[[int, float, np.ndarray], "bool | None"]
+StepCallback = Callable[..., "bool | None"]  # (step, sigma, latents[, preview]) -> False to stop
+Watch = Callable[[dict], "bool | None"]  # the sampler loop's view of a StepCallback
 
 
 class GenerationCancelled(SdonnxError):
@@ -249,6 +253,7 @@ class Pipeline:
         *,
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
+        previews: bool = False,
         **settings,
     ) -> list[Image.Image]:
         """Generate images; `settings` are GenerationConfig's fields (steps, guidance, sampler, ...).
@@ -257,7 +262,7 @@ class Pipeline:
         when given, the seed only drives the noise of ancestral/SDE samplers.
         """
         config = GenerationConfig(prompt, negative_prompt or "", **settings)
-        return self.generate(config, latents=latents, callback=callback)
+        return self.generate(config, latents=latents, callback=callback, previews=previews)
 
     def img2img(
         self,
@@ -267,6 +272,7 @@ class Pipeline:
         image: ImageInput,
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
+        previews: bool = False,
         **settings,
     ) -> list[Image.Image]:
         """Repaint `image` (a PIL image or an image file, any mode) after `prompt`.
@@ -277,7 +283,7 @@ class Pipeline:
         latents: the unit noise added to the encoded image [batch, C, height/f, width/f].
         """
         config = GenerationConfig(prompt, negative_prompt or "", **settings)
-        return self.generate(config, image=image, latents=latents, callback=callback)
+        return self.generate(config, image=image, latents=latents, callback=callback, previews=previews)
 
     def inpaint(
         self,
@@ -288,6 +294,7 @@ class Pipeline:
         mask: ImageInput,
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
+        previews: bool = False,
         **settings,
     ) -> list[Image.Image]:
         """Repaint the white part of `mask` in `image` after `prompt`; the rest stays the image's.
@@ -300,7 +307,8 @@ class Pipeline:
         if mask is None:
             raise InputError("mask", None, "a mask image (white = repaint); for no mask, use Pipeline.img2img")
         config = GenerationConfig(prompt, negative_prompt or "", **settings)
-        return self.generate(config, image=image, mask=mask, latents=latents, callback=callback)
+        return self.generate(config, image=image, mask=mask, latents=latents, callback=callback,
+                             previews=previews)
 
     def check(
         self, config: GenerationConfig, *, image: ImageInput | None = None, mask: ImageInput | None = None
@@ -342,6 +350,7 @@ class Pipeline:
         latents: np.ndarray | None = None,
         callback: StepCallback | None = None,
         refiner: Pipeline | None = None,
+        previews: bool = False,
     ) -> list[Image.Image]:
         """Run `config`: text to image; with `image`, img2img; with `image` and `mask`, inpainting.
 
@@ -349,6 +358,8 @@ class Pipeline:
         too large for memory runs in parts (`Request.runs`); image k still uses seed + k.
         refiner: a second model (an SDXL refiner) that runs the plan from config.refiner_switch (0.8
         when unset) on, from this model's latents, with its own conditioning, and decodes with its VAE.
+        previews: call `callback(step, sigma, latents, preview)`, where `preview()` returns the batch's
+        images of the step's x0 estimate (previews.py; computed only when called).
         Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint).
         """
         request = self.check(self._with_refiner(config, refiner), image=image, mask=mask)
@@ -357,7 +368,8 @@ class Pipeline:
         images, first = [], 0
         for count in request.runs:
             part = None if latents is None else latents[first : first + count]
-            images += self._run(request, replace(config, batch=count), seed + first, part, callback, refiner)
+            images += self._run(request, replace(config, batch=count), seed + first, part,
+                                self._watcher(callback, previews), refiner)
             first += count
         hashes = {choice.path.stem: self.adapters.short_hash(choice.path) for choice in request.loras}
         nets = [(c.folder.name, c.manifest.files.get(c.manifest.graphs["controlnet"].path, "")[:8])
@@ -378,7 +390,7 @@ class Pipeline:
         config: GenerationConfig,
         seed: int,
         latents: np.ndarray | None,
-        callback: StepCallback | None,
+        watch: Watch | None,
         refiner: Pipeline | None = None,
     ) -> list[Image.Image]:
         """One run of config.batch images from `seed`: tokens -> embeddings -> start -> sampler -> decode
@@ -401,24 +413,43 @@ class Pipeline:
             init, config.strength, shape=shape, plan=plan, rng=rng, latents=latents,
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,
         )
-        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, callback, request.controls)
+        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, watch, request.controls)
         if refiner is not None:
-            return refiner._refine(config, request, latent, tail, rng, callback)
+            return refiner._refine(config, request, latent, tail, rng, watch)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
             return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
 
     def _refine(
         self, config: GenerationConfig, request: Request, x: np.ndarray, plan: Plan, rng: NoiseSource,
-        callback: StepCallback | None,
+        watch: Watch | None,
     ) -> list[Image.Image]:
         """The refiner's part: x [B, C, h, w] (k-space, at plan.sigmas[0]) -> images, with this
         model's own text encoders, time ids (aesthetic scores) and VAE."""
         m = self.manifest
         config = _without_loras(config).with_defaults(m.recommended)
         cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
-        latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, callback)
+        latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
             return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+
+    def _watcher(self, callback: StepCallback | None, previews: bool) -> Watch | None:
+        """The user's step callback as the sampler loop calls it (with a lazy preview when asked)."""
+        if callback is None:
+            return None
+        if not previews:
+            return lambda info: callback(info["i"], info["sigma"], info["x"])
+        return lambda info: callback(info["i"], info["sigma"], info["x"], self.preview(info["denoised"]))
+
+    def preview(self, denoised: np.ndarray) -> Callable[[], list[Image.Image]]:
+        """A zero-argument function giving the images of x0 estimates `denoised` [B, C, h, w] (k-space,
+        as the sampler holds them): the manifest's latent_rgb map, else the VAE decoder (slow)."""
+        m = self.manifest
+
+        def decode_now(latents: np.ndarray) -> list[Image.Image]:
+            with self.model.sessions.use("vae_decoder") as vae_decoder:
+                return decode(vae_decoder, latents, m)
+
+        return preview_of(m.latent_rgb, decode_now, denoised, m.vae_downsample)
 
     def _with_refiner(self, config: GenerationConfig, refiner: Pipeline | None) -> GenerationConfig:
         """`config` with its refiner switch (0.8 when unset) checked against the refiner, if any."""
@@ -459,7 +490,7 @@ class Pipeline:
         plan: Plan,
         guidance: Guidance,
         rng: NoiseSource,
-        callback: StepCallback | None,
+        watch: Watch | None,
         controls: tuple[ControlRequest, ...] = (),
     ) -> np.ndarray:
         """The sampler loop from start.x [B, C, h, w] to the final latent [B, C, h, w] (before
@@ -484,7 +515,7 @@ class Pipeline:
 
                 def on_step(info: dict) -> None:
                     bar.update(1)
-                    if callback is not None and callback(info["i"], info["sigma"], info["x"]) is False:
+                    if watch is not None and watch(info) is False:
                         raise GenerationCancelled(
                             f"cancelled by the step callback at step {info['i'] + 1} of {plan.steps}"
                         )

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdonnx import __version__
 from sdonnx.errors import InputError
-from sdonnx.runtime.metadata import format_parameters, split_parameters
+from sdonnx.runtime.metadata import format_parameters, png_bytes, split_parameters
 from sdonnx.runtime.pipeline import GenerationCancelled, GenerationConfig
 from sdonnx.runtime.prompts import lora_tags
 from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
@@ -186,7 +186,7 @@ def run(work: Work, worker, catalog: Catalog) -> Result:
             break
         config = replace(work.config, seed=work.config.seed + i * work.config.batch)
         try:
-            made = pipe.generate(config, image=work.image, mask=work.mask, callback=worker.on_step)
+            made = pipe.generate(config, image=work.image, mask=work.mask, callback=worker.on_step, previews=True)
         except GenerationCancelled:
             continue  # skipped (go on) or interrupted (next_iteration stops)
         except InputError as e:  # what only the loaded model can check (a prompt's length, say)
@@ -366,13 +366,7 @@ def decode_image(text: str, field: str) -> Image.Image:
 
 def png_base64(image: Image.Image, parameters: str) -> str:
     """The image as a base64 PNG carrying its A1111 `parameters` text."""
-    from PIL import PngImagePlugin
-
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(image, parameters)).decode("ascii")
 
 
 def as_a1111(error: InputError) -> InputError:

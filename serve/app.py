@@ -115,14 +115,15 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
 
     @app.get("/sdapi/v1/progress", dependencies=guard, tags=["a1111"])
     async def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        p, queued = server.worker.progress()
+        p, queued = server.worker.progress(watch=not skip_current_image)
         done = (p.job_no + (p.step / p.steps if p.steps else 0.0)) / p.job_count if p.job_count else 0.0
         elapsed = time.time() - p.started if p.started else 0.0
         state = {"skipped": p.skipped, "interrupted": p.interrupted, "stopping_generation": False, "job": p.job,
                  "job_count": p.job_count, "job_timestamp": p.timestamp, "job_no": p.job_no,
                  "sampling_step": p.step, "sampling_steps": p.steps, "queued": queued}
         return {"progress": done, "eta_relative": elapsed / done - elapsed if done > 0 else 0.0, "state": state,
-                "current_image": None, "textinfo": f"step {p.step} of {p.steps}" if p.job_count else None}
+                "current_image": None if skip_current_image else p.current_image,
+                "textinfo": f"step {p.step} of {p.steps}" if p.job_count else None}
 
     @app.post("/sdapi/v1/interrupt", dependencies=guard, tags=["a1111"])
     async def interrupt() -> None:

@@ -13,7 +13,9 @@ the worker under a lock and read as a snapshot.
 
 from __future__ import annotations
 
+import base64
 import collections
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -21,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from sdonnx.errors import SdonnxError
+from sdonnx.runtime.metadata import png_bytes
 
 DRAIN_SECONDS = 30.0  # at shutdown, how long the running job may take before it is interrupted
+WATCH_SECONDS = 5.0  # previews are made while /progress asked for an image this recently
+PREVIEW_SECONDS = 0.5  # and at most this often (one VAE decode each for models without latent_rgb)
 
 
 class Busy(SdonnxError):
@@ -60,6 +65,7 @@ class Progress:
     interrupted: bool = False
     skipped: bool = False
     timestamp: str = "0"
+    current_image: str | None = None  # base64 PNG of a recent step's x0 estimate, while someone watches
 
 
 class Worker:
@@ -73,6 +79,7 @@ class Worker:
         self._progress = Progress()
         self._stopping = False
         self._durations: collections.deque[float] = collections.deque(maxlen=16)
+        self._watched = self._previewed = -math.inf  # when /progress last asked for an image; the last preview
         self._thread = threading.Thread(target=self._loop, name="sdonnx-worker", daemon=True)
         self._thread.start()
 
@@ -117,9 +124,12 @@ class Worker:
         with self._lock:
             return len(self._pending)
 
-    def progress(self) -> tuple[Progress, int]:
-        """A copy of the running job's progress, and how many jobs wait."""
+    def progress(self, *, watch: bool = False) -> tuple[Progress, int]:
+        """A copy of the running job's progress, and how many jobs wait. watch: the caller wants step
+        previews; the worker makes them (at most one per PREVIEW_SECONDS) while callers keep asking."""
         with self._lock:
+            if watch:
+                self._watched = time.monotonic()
             return Progress(**vars(self._progress)), len(self._pending)
 
     # Called by jobs, on the worker thread.
@@ -133,10 +143,18 @@ class Worker:
             self._progress.job_no, self._progress.step, self._progress.skipped = job_no, 0, False
             return not self._progress.interrupted
 
-    def on_step(self, step: int, sigma: float, latents) -> bool:
-        """The pipeline's step callback: record the step; False stops the run (interrupt or skip)."""
+    def on_step(self, step: int, sigma: float, latents, preview=None) -> bool:
+        """The pipeline's step callback (previews=True): record the step, and a preview when someone
+        watches; False stops the run (interrupt or skip)."""
+        now = time.monotonic()
+        image = None
+        if preview is not None and now - self._watched < WATCH_SECONDS and now - self._previewed >= PREVIEW_SECONDS:
+            self._previewed = now
+            image = base64.b64encode(png_bytes(preview()[0])).decode("ascii")
         with self._lock:
             self._progress.step = step + 1
+            if image is not None:
+                self._progress.current_image = image
             return not (self._progress.interrupted or self._progress.skipped)
 
     @property

@@ -256,6 +256,11 @@ def test_progress_during_a_job_then_interrupt(served, api):
         assert 0 < progress["progress"] < 1 and progress["state"]["job"] == "txt2img"
         assert progress["state"]["job_count"] == 2 and progress["state"]["sampling_steps"] == LONG_STEPS
         assert progress["eta_relative"] > 0
+        wait_until(lambda: api.get_progress()["current_image"] is not None)  # a step preview, while watched
+        preview = Image.open(io.BytesIO(base64.b64decode(api.get_progress()["current_image"])))
+        assert preview.size == (64, 64)
+        skipped = requests.get(served.url + "/sdapi/v1/progress", params={"skip_current_image": "true"}, timeout=10)
+        assert skipped.json()["current_image"] is None
         started = time.monotonic()
         api.interrupt()
         r = pending.result()
