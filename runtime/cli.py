@@ -23,7 +23,9 @@ from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.integrity import verify_folder
 from sdonnx.runtime.metadata import format_parameters, parse_parameters, read_parameters, write_png
 from sdonnx.runtime.model import GRAPH_IO, REQUIRED, ModelFolder, read_facts
-from sdonnx.runtime.pipeline import REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, check_before_load
+from sdonnx.runtime.pipeline import (
+    REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, check_before_load, check_hires_mix,
+)
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
 from sdonnx.runtime.request import check_request
 from sdonnx.runtime.sampling import SAMPLERS
@@ -115,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "-o", "--output", default="image.png", help="PNG path; with --batch N: NAME-1.png ... (default image.png)"
     )
     add_runtime_flags(generate)
+    generate.add_argument("--hires-scale", type=float, metavar="S",
+                          help="hires fix: draw at --size, upscale by S (up to 4), then img2img there (A1111's)")
+    generate.add_argument("--hires-strength", type=float,
+                          help="hires fix: the second pass's denoising strength (default 0.7)")
+    generate.add_argument("--hires-steps", type=int, help="hires fix: the second pass's steps (default: --steps)")
+    generate.add_argument("--hires-upscaler", choices=("latent", "latent-nearest", "lanczos"),
+                          help="hires fix: upscale the latent (bilinear, nearest) or the image (default latent)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.add_argument("--preview", type=Path, metavar="FILE.png",
                           help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
@@ -184,6 +193,7 @@ def _generate(args: argparse.Namespace) -> int:
     config = check_before_load(root, facts, options.memory, config, init_image, mask, lora_dir=args.lora_dir,
                                control_dir=args.control_dir).config
     if args.refiner is not None:
+        check_hires_mix(None, refiner=True, config=config)
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         try:
             refiner_root, refiner_facts = read_facts(args.refiner)
@@ -202,7 +212,8 @@ def _generate(args: argparse.Namespace) -> int:
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
     for image, path in zip(images, outputs):
-        parameters = format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model,
+        size = image.info.get("first_pass_size", image.size)
+        parameters = format_parameters(config, seed=image.info["seed"], size=size, model=pipe.model,
                                        refiner=refiner.model if refiner is not None else None,
                                        lora_hashes=image.info.get("lora_hashes"),
                                        controlnets=image.info.get("controlnets"))

@@ -143,22 +143,42 @@ _FP32_VAE_HINT = "; fp16 VAE decoders overflow on some latents: use a VAE decode
 def encode(
     vae_encoder: Session, pixels: np.ndarray, manifest: Manifest, rng: NoiseSource, batch: int
 ) -> np.ndarray:
-    """pixels float32 [1, 3, H, W] in [-1, 1] -> `batch` latents [batch, C, H/f, W/f] (diffusion space).
+    """pixels float32 [1 or batch, 3, H, W] in [-1, 1] -> `batch` latents [batch, C, H/f, W/f] (diffusion
+    space): one image for the whole batch (img2img), or one per image (the hires fix's Lanczos pass).
 
-    One encoder run; each image of the batch then draws its own sample from the encoder's Gaussian
+    One encoder run per picture; each image of the batch then draws its own sample from the encoder's Gaussian
     (one draw of [batch, C, h, w] from `rng`, where diffusers' retrieve_latents draws), so that
     image k of a batch is the image a run with seed S+k alone gives.
     """
     output = next(name for name in (ENCODER_PARAMETERS, ENCODER_SAMPLE) if name in vae_encoder.output_names)
     spec = vae_encoder.input(ENCODER_INPUT)
-    moments = vae_encoder.run(**{ENCODER_INPUT: pixels.astype(spec.dtype)})[output].astype(np.float32)
+    moments = np.concatenate([vae_encoder.run(**{ENCODER_INPUT: picture[None].astype(spec.dtype)})[output]
+                              for picture in pixels]).astype(np.float32)
     check_finite(moments, vae_encoder, output)
-    moments = np.repeat(moments, batch, axis=0)
+    if len(moments) != batch:  # one init image for the whole batch
+        moments = np.repeat(moments, batch, axis=0)
     if output == ENCODER_PARAMETERS:
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE))
         moments = mean + std * gaussian_like(rng, mean)
     return (moments - manifest.vae_shift_factor) * manifest.vae_scaling_factor
+
+
+def resize_latents(latents: np.ndarray, height: int, width: int, *, nearest: bool = False) -> np.ndarray:
+    """latents [B, C, h, w] -> [B, C, height, width], as torch's interpolate does: bilinear with
+    align_corners=False and no antialias (A1111's "Latent" upscaler), or nearest ("Latent (nearest)")."""
+    def taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if nearest:
+            index = np.minimum((np.arange(size_out) * size_in / size_out).astype(int), size_in - 1)
+            return index, index, np.zeros(size_out, np.float32)
+        source = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, None)
+        low = np.minimum(source.astype(int), size_in - 1)
+        return low, np.minimum(low + 1, size_in - 1), (source - low).astype(np.float32)
+
+    y0, y1, fy = taps(latents.shape[2], height)
+    x0, x1, fx = taps(latents.shape[3], width)
+    rows = latents[:, :, y0] * (1 - fy)[:, None] + latents[:, :, y1] * fy[:, None]
+    return (rows[:, :, :, x0] * (1 - fx) + rows[:, :, :, x1] * fx).astype(latents.dtype)
 
 
 def open_image(image: object, field: str) -> Image.Image:

@@ -48,8 +48,10 @@ from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
 PNG_KEY = "parameters"
 SCHEDULE_NAMES = {"default": "Automatic", "karras": "Karras", "exponential": "Exponential"}
 RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
+HIRES_UPSCALER_NAMES = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "lanczos": "Lanczos"}
 _SCHEDULES_BY_NAME = {name: schedule for schedule, name in SCHEDULE_NAMES.items()}
 _RNGS_BY_NAME = {name: rng for rng, name in RNG_NAMES.items()}
+_HIRES_UPSCALERS_BY_NAME = {name: upscaler for upscaler, name in HIRES_UPSCALER_NAMES.items()}
 # One "Key: value" of the settings line; a value with commas or colons is JSON-quoted (A1111's re_param).
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
@@ -61,6 +63,8 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
     ("Clip skip", "clip_skip", int),
     ("Guidance rescale", "guidance_rescale", float),
     ("Refiner switch at", "refiner_switch", float),
+    ("Hires upscale", "hires_scale", float),
+    ("Hires steps", "hires_steps", int),
 )
 
 
@@ -88,8 +92,10 @@ def format_parameters(
     }
     if model is not None:
         fields |= {"Model hash": model_hash(model), "Model": model.root.name}
+    hires = config.hires_scale is not None
+    strength = config.hires_strength if hires else config.strength  # A1111 writes the hires pass's here
     fields |= {
-        "Denoising strength": _number(config.strength) if config.strength not in (None, 1.0) else None,
+        "Denoising strength": _number(strength) if strength not in (None, 1.0) or hires else None,
         "Clip skip": config.clip_skip if config.clip_skip != 1 else None,
         "RNG": RNG_NAMES[config.rng],
         "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
@@ -97,6 +103,9 @@ def format_parameters(
         if config.guidance_interval else None,
         "Refiner": f"{refiner.root.name} [{model_hash(refiner)}]" if refiner is not None else None,
         "Refiner switch at": _number(config.refiner_switch) if config.refiner_switch is not None else None,
+        "Hires upscale": _number(config.hires_scale) if hires else None,
+        "Hires steps": config.hires_steps if hires and config.hires_steps else None,
+        "Hires upscaler": HIRES_UPSCALER_NAMES[config.hires_upscaler] if hires else None,
         "Lora hashes": ", ".join(f"{name}: {h}" for name, h in lora_hashes.items()) if lora_hashes else None,
         **{f"ControlNet {i}": _control_text(control, name, h)
            for i, (control, (name, h)) in enumerate(zip(config.control, controlnets or ()))},
@@ -154,6 +163,11 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 fields[field] = kind(raw[key])
             except ValueError:
                 raise InputError(f"parameters: {key}", raw[key], "an integer" if kind is int else "a number") from None
+    if "hires_scale" in fields:  # a hires-fix image: its denoising strength is the second pass's
+        if "strength" in fields:
+            fields["hires_strength"] = fields.pop("strength")
+        if "Hires upscaler" in raw:
+            fields["hires_upscaler"] = _lookup("Hires upscaler", raw["Hires upscaler"], _HIRES_UPSCALERS_BY_NAME)
     return fields
 
 

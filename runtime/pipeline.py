@@ -33,7 +33,7 @@ from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
 from sdonnx.runtime import embeddings, graph_cache
 from sdonnx.runtime.controlnet import Control, ControlHint, ControlNets, ControlRequest, check_controls
-from sdonnx.runtime.images import check_finite, decode, encode
+from sdonnx.runtime.images import check_finite, decode, encode, image_pixels, resize_latents
 from sdonnx.runtime.lora import Adapters, LoraChoice, check_weight, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
@@ -45,7 +45,7 @@ from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
 from sdonnx.runtime.schedules import Plan, split_plan, strength_tail
-from sdonnx.runtime.starts import ImageInput, Start, read_init, start_latents
+from sdonnx.runtime.starts import ImageInput, Start, initial_noise, read_init, start_latents
 from sdonnx.runtime.text import conditioning
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
@@ -54,6 +54,8 @@ REFINER_SWITCH = 0.8  # diffusers' ensemble-of-experts example and A1111's defau
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # for models whose manifest recommends nothing
 MAX_BATCH = 256  # images per request; memory-bound batches are split into runs below this
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
+HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
+MAX_HIRES_SCALE = 4
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
 StepCallback = Callable[..., "bool | None"]  # (step, sigma, latents[, preview]) -> False to stop
@@ -103,6 +105,13 @@ class GenerationConfig:
     # With a refiner (generate's `refiner=`): the share of the plan the base runs, diffusers'
     # denoising_end for the base and denoising_start for the refiner, A1111's "Refiner switch at".
     refiner_switch: float | None = None
+    # Hires fix (A1111's two-pass txt2img): draw at height x width, upscale by hires_scale (the latent,
+    # bilinear or nearest, or the decoded image with Lanczos), then img2img there at hires_strength
+    # (None: 0.7, A1111's) over hires_steps (None: steps). The images come out at the upscaled size.
+    hires_scale: float | None = None
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str = "latent"
     # LoRAs to apply for this request, {file or name: weight} (names resolve in the pipeline's
     # lora_dir), besides the prompt's <lora:NAME:WEIGHT> tags; held as ((name, weight), ...).
     loras: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
@@ -137,6 +146,7 @@ class GenerationConfig:
         for name, high in (("aesthetic_score", 10), ("negative_aesthetic_score", 10), ("refiner_switch", 1)):
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0, high)
+        _check_hires(self)
         object.__setattr__(self, "loras", _loras(self.loras))
         object.__setattr__(self, "control", _controls(self.control))
         lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
@@ -157,6 +167,20 @@ class GenerationConfig:
 
 PAIR_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
                "negative_crops_coords_top_left", "negative_target_size")
+
+
+def _check_hires(config: GenerationConfig) -> None:
+    check_choice("hires_upscaler", config.hires_upscaler, HIRES_UPSCALERS)
+    if config.hires_scale is None:
+        for name in ("hires_strength", "hires_steps"):
+            if getattr(config, name) is not None:
+                raise InputError(name, getattr(config, name), "hires_scale too (--hires-scale: the hires fix's factor)")
+        return
+    check_real("hires_scale", config.hires_scale, 1, MAX_HIRES_SCALE)
+    if config.hires_strength is not None:
+        check_real("hires_strength", config.hires_strength, 0, 1)
+    if config.hires_steps is not None:
+        check_int("hires_steps", config.hires_steps, 1, sampler_info(config.sampler).max_steps or MAX_STEPS)
 
 
 def _loras(value: object) -> tuple[tuple[str, float], ...]:
@@ -323,6 +347,7 @@ class Pipeline:
         self.adapters.prepare(loras)
         controls = check_controls(request.config.control, self.controlnets, self.control_dir, self.manifest,
                                   request.height, request.width, self.model.root)
+        check_hires_mix(request)
         return replace(request, loras=loras, tokenizers=tokenizers, rows=rows, controls=controls)
 
     def _embeddings(self, config: GenerationConfig) -> tuple[Mapping[str, ClipTokenizer], dict]:
@@ -382,6 +407,8 @@ class Pipeline:
                 image.info["controlnets"] = nets
             if request.image is not None:
                 image.info["strength"] = config.strength
+            if request.hires is not None:  # what PNG parameters record as Size, as A1111 does
+                image.info["first_pass_size"] = (request.width, request.height)
         return images
 
     def _run(
@@ -416,8 +443,38 @@ class Pipeline:
         latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, watch, request.controls)
         if refiner is not None:
             return refiner._refine(config, request, latent, tail, rng, watch)
+        if request.hires is not None:
+            latent = self._hires(request, config, seed, latent, watch)
+        return self._decode(latent)
+
+    def _decode(self, latent: np.ndarray) -> list[Image.Image]:
+        """latent [B, C, h, w] -> B images, tiled as the memory policy says."""
         with self.model.sessions.use("vae_decoder") as vae_decoder:
-            return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+            return decode(vae_decoder, latent, self.manifest, tile=self.model.options.memory.decode_tile)
+
+    def _hires(self, request: Request, config: GenerationConfig, seed: int, latent: np.ndarray,
+               watch: Watch | None) -> np.ndarray:
+        """The hires fix's second pass: the first pass's latent [B, C, h, w] upscaled to request.hires
+        (the latent itself, or its decoded images with Lanczos and encoded again), noised to the
+        hires_strength tail of a hires_steps plan, and sampled at that size -> [B, C, H/f, W/f].
+
+        It is img2img from the upscaled picture with the same seeds: with the Lanczos upscaler,
+        exactly what `img2img(prompt, image=first_pass.resize(...), strength=hires_strength)` gives."""
+        m, (height, width) = self.manifest, request.hires
+        f = m.vae_downsample
+        plan = make_plan(m.schedule, config.hires_steps or config.steps, sampler=config.sampler, kind=config.schedule)
+        plan = strength_tail(plan, config.hires_strength)
+        rng = noise_source(seed, config.rng, config.batch)  # the second pass draws its own noise, as A1111's
+        if config.hires_upscaler == "lanczos":
+            pictures = [image.resize((width, height), Image.Resampling.LANCZOS) for image in self._decode(latent)]
+            pixels = np.concatenate([image_pixels(picture, height, width) for picture in pictures])
+            latent = self._encode(pixels, rng, config.batch)
+        else:
+            latent = resize_latents(latent, height // f, width // f, nearest=config.hires_upscaler == "latent-nearest")
+        x = latent + float(plan.sigmas[0]) * initial_noise(latent.shape, rng, None)
+        cond, uncond = conditioning(self.model.sessions.use, request.tokenizers or self.tokenizers, m, config,
+                                    height, width)
+        return self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch)
 
     def _refine(
         self, config: GenerationConfig, request: Request, x: np.ndarray, plan: Plan, rng: NoiseSource,
@@ -429,8 +486,7 @@ class Pipeline:
         config = _without_loras(config).with_defaults(m.recommended)
         cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
         latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch)
-        with self.model.sessions.use("vae_decoder") as vae_decoder:
-            return decode(vae_decoder, latent, m, tile=self.model.options.memory.decode_tile)
+        return self._decode(latent)
 
     def _watcher(self, callback: StepCallback | None, previews: bool) -> Watch | None:
         """The user's step callback as the sampler loop calls it (with a lazy preview when asked)."""
@@ -457,6 +513,7 @@ class Pipeline:
             if config.refiner_switch is not None:
                 raise InputError("refiner_switch", config.refiner_switch, "a refiner to switch to (refiner=, --refiner)")
             return config
+        check_hires_mix(None, refiner=True, config=config)
         config = replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
         self._check_refiner(refiner)
         refiner.check(_without_loras(config).with_defaults(self.manifest.recommended))
@@ -541,7 +598,19 @@ def check_before_load(
     (adapters or Adapters(root, facts)).prepare(requested_loras(request.config, lora_dir, root))
     check_controls(request.config.control, ControlNets(None, memory), control_dir, facts, request.height,
                    request.width, root)
+    check_hires_mix(request)
     return request
+
+
+def check_hires_mix(request: Request | None, *, refiner: bool = False, config: GenerationConfig | None = None) -> None:
+    """The hires fix runs alone: not with ControlNets (their images are the first pass's size) nor a refiner."""
+    config = config if config is not None else request.config
+    if config.hires_scale is None:
+        return
+    if refiner:
+        raise InputError("hires_scale", config.hires_scale, "no refiner (the hires fix and a refiner do not mix yet)")
+    if config.control:
+        raise InputError("hires_scale", config.hires_scale, "no ControlNet (the hires fix and ControlNet do not mix yet)")
 
 
 def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int

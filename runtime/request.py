@@ -69,6 +69,7 @@ class Request:
     tokenizers: Mapping[str, ClipTokenizer] | None = None
     rows: Mapping[str, Mapping[int, np.ndarray]] = field(default_factory=dict)
     controls: tuple = ()  # controlnet.ControlRequest per Control, checked against the model
+    hires: tuple[int, int] | None = None  # (height, width) of the hires fix's second pass, None without one
 
 
 def check_request(
@@ -82,6 +83,8 @@ def check_request(
     recommended settings, strength from the mode.
     """
     config = config.with_defaults(manifest.recommended)
+    if config.hires_scale is not None and config.hires_strength is None:
+        config = replace(config, hires_strength=HIRES_STRENGTH)
     inpainting = inpainting_unet(manifest, root)
     check_mode(inpainting, image, mask, manifest.unet_in_channels)
     opened = open_image(image, "image") if image is not None else None
@@ -101,9 +104,35 @@ def check_request(
                       for name in text_encoders(manifest)}
     for tokenizer in tokenizers.values():
         _check_prompts(tokenizer, config)
-    runs = _runs(manifest, root, policy, config.batch, height, width, available, loaded)
+    hires = _hires(manifest, config, height, width, opened)
+    runs = _runs(manifest, root, policy, config.batch, *(hires or (height, width)), available, loaded)
     _warn_far_from_native(manifest, height, width)
-    return Request(config, height, width, opened, mask, inpainting, runs)
+    return Request(config, height, width, opened, mask, inpainting, runs, hires=hires)
+
+
+HIRES_STRENGTH = 0.7  # A1111's denoising strength for the hires pass
+
+
+def hires_size(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
+    """The hires pass's (height, width): the first pass's times `scale`, rounded down to `multiple`."""
+    return int(height * scale) // multiple * multiple, int(width * scale) // multiple * multiple
+
+
+def _hires(manifest: Manifest, config, height: int, width: int, image) -> tuple[int, int] | None:
+    """The hires pass's size, its strength and steps checked; None without a hires fix. (The config's
+    hires_strength is resolved by the caller: `check_request` returns it set.)"""
+    if config.hires_scale is None:
+        return None
+    if image is not None:
+        raise InputError("hires_scale", config.hires_scale, "a text-to-image request (img2img has no hires pass)")
+    size = hires_size(height, width, config.hires_scale, manifest.vae_downsample)
+    for name, side in zip(("height", "width"), size):
+        check_size(name, side, manifest.vae_downsample)
+    strength = config.hires_strength if config.hires_strength is not None else HIRES_STRENGTH
+    steps = config.hires_steps or config.steps
+    if int(steps * strength) < 1:
+        raise InputError("hires_strength", strength, f"at least 1/{steps}, so that hires steps * strength makes one step")
+    return size
 
 
 def check_strength(strength: object, steps: int | None) -> None:

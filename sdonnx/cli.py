@@ -23,7 +23,7 @@ FLAG_FOR_FIELD = {
     "crops_coords_top_left": "--crop-top-left", "loras": "--lora",
     "control.model": "--control", "control.image": "--control-image", "control.scale": "--control-scale",
     "control.start": "--control-start", "control.end": "--control-end", "control.resize": "--control-resize",
-    "control.guess_mode": "--control-guess-mode", "preview": "--preview", "preview_every": "--preview-every",
+    "control.guess_mode": "--control-guess-mode",
 }
 
 

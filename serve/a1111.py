@@ -49,13 +49,17 @@ SCHEDULER_LABELS = {"automatic": "Automatic", "karras": "Karras", "exponential":
 A1111_FIELD = {
     "guidance": "cfg_scale", "batch": "batch_size", "strength": "denoising_strength", "sampler": "sampler_name",
     "schedule": "scheduler", "image": "init_images", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
-    "loras": "prompt",
+    "loras": "prompt", "hires_scale": "hr_scale", "hires_strength": "denoising_strength",
+    "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
 }
+HR_UPSCALERS = {"Latent": "latent", "Latent (nearest)": "latent-nearest", "Lanczos": "lanczos"}
 # Fields sdonnx does not honour, with the value that means "off" (anything else is refused).
 UNSUPPORTED = {
-    "enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0.0, "styles": [],
+    "restore_faces": False, "tiling": False, "subseed_strength": 0.0, "styles": [],
     "script_name": None, "alwayson_scripts": {}, "refiner_checkpoint": None,
 }
+# With enable_hr, the hires pass's own settings sdonnx does not honour (it reuses the first pass's).
+HR_UNSUPPORTED = {"hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -78,7 +82,17 @@ class Txt2ImgRequest(BaseModel):
     denoising_strength: float | None = None
     override_settings: dict[str, Any] | None = None
     send_images: bool = True
-    enable_hr: bool = False
+    enable_hr: bool = Field(False, description="the hires fix: draw at width x height, upscale by hr_scale, "
+                            "img2img there at denoising_strength")
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = Field(None, description="Latent (default), Latent (nearest) or Lanczos")
+    hr_second_pass_steps: int = Field(0, description="0: steps")
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     restore_faces: bool | None = None
     tiling: bool | None = None
     subseed_strength: float = 0.0
@@ -162,6 +176,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
         sampler=sampler, schedule=schedule, seed=seed, batch=body.batch_size, height=body.height, width=body.width,
         clip_skip=clip_skip, strength=body.denoising_strength if img2img else None,
+        **(hires_fields(body) if body.enable_hr and not img2img else {}),
     )
     try:
         config = GenerationConfig(**fields)
@@ -171,6 +186,9 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
     except InputError as e:
         raise as_a1111(e) from None
     check_limits(request.config, body.n_iter, request.height, request.width, limits)
+    if request.hires is not None and max(request.hires) > limits.max_side:
+        raise InputError("hr_scale", body.hr_scale, f"an upscaled size of at most {limits.max_side} on this server "
+                         f"(--max-side); {request.hires[1]}x{request.hires[0]} asked")
     return Work(model, request.config, body.n_iter,
                 "img2img" if img2img else "txt2img", image, mask)
 
@@ -193,7 +211,8 @@ def run(work: Work, worker, catalog: Catalog) -> Result:
             raise as_a1111(e) from None
         for image in made:
             images.append(image)
-            infotexts.append(format_parameters(config, seed=image.info["seed"], size=image.size, model=pipe.model,
+            infotexts.append(format_parameters(config, seed=image.info["seed"], model=pipe.model,
+                                               size=image.info.get("first_pass_size", image.size),
                                                lora_hashes=image.info.get("lora_hashes")))
     return Result(tuple(images), tuple(infotexts), catalog.title(work.model), worker.interrupted, timestamp)
 
@@ -293,6 +312,21 @@ def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]
     if schedule not in SAMPLERS[sampler].schedules:
         raise InputError("scheduler", scheduler or schedule, f"one of {SAMPLERS[sampler].schedules} for {sampler}")
     return sampler, schedule
+
+
+def hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's enable_hr fields as GenerationConfig's hires_* ones."""
+    for name, off in HR_UNSUPPORTED.items():
+        if getattr(body, name) not in (off, None):
+            raise InputError(name, getattr(body, name), f"{off!r}: sdonnx's hires pass reuses the first pass's")
+    for name, first in (("hr_prompt", body.prompt), ("hr_negative_prompt", body.negative_prompt)):
+        if getattr(body, name) not in ("", first):
+            raise InputError(name, getattr(body, name), f"\"\" or {name[3:]}'s: the hires pass reuses it")
+    upscaler = body.hr_upscaler or "Latent"
+    if upscaler not in HR_UPSCALERS:
+        raise InputError("hr_upscaler", upscaler, f"one of {sorted(HR_UPSCALERS)} (sdonnx has no other)")
+    return dict(hires_scale=body.hr_scale, hires_strength=body.denoising_strength,
+                hires_steps=body.hr_second_pass_steps or None, hires_upscaler=HR_UPSCALERS[upscaler])
 
 
 def check_limits(config: GenerationConfig, n_iter: int, height: int, width: int, limits: Limits) -> None:

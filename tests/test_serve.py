@@ -109,6 +109,16 @@ def test_txt2img_through_webuiapi_is_the_librarys_image(api, pipe):
     assert result.parameters["prompt"] == PROMPT
 
 
+def test_hires_fix_through_webuiapi(api, pipe):
+    result = api.txt2img(prompt=PROMPT, seed=9, steps=8, width=64, height=64, cfg_scale=2, enable_hr=True,
+                         hr_scale=2, hr_upscaler="Lanczos", denoising_strength=0.5)
+    expected = pipe(PROMPT, seed=9, steps=8, guidance=2.0, sampler="euler", hires_scale=2, hires_strength=0.5,
+                    hires_upscaler="lanczos")[0]
+    assert result.image.size == (128, 128)
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected))
+    assert "Size: 64x64" in result.info["infotexts"][0] and "Hires upscaler: Lanczos" in result.info["infotexts"][0]
+
+
 def test_n_iter_seeds_follow_a1111(api):
     result = api.txt2img(prompt=PROMPT, seed=100, steps=2, width=64, height=64, batch_size=2, n_iter=2)
     assert result.info["all_seeds"] == [100, 101, 102, 103]
@@ -201,7 +211,12 @@ BAD = [  # (body, route, the field the 422 names)
     ({"prompt": PROMPT, "scheduler": "Beta"}, "txt2img", "scheduler"),
     ({"prompt": PROMPT, "sampler_name": "DDIM", "scheduler": "karras"}, "txt2img", "scheduler"),
     ({"prompt": PROMPT, "seed": -2}, "txt2img", "seed"),
-    ({"prompt": PROMPT, "enable_hr": True}, "txt2img", "enable_hr"),
+    ({"prompt": PROMPT, "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, "txt2img", "hr_upscaler"),
+    ({"prompt": PROMPT, "enable_hr": True, "hr_scale": 9}, "txt2img", "hr_scale"),
+    ({"prompt": PROMPT, "enable_hr": True, "hr_resize_x": 512}, "txt2img", "hr_resize_x"),
+    ({"prompt": PROMPT, "enable_hr": True, "hr_prompt": "something else"}, "txt2img", "hr_prompt"),
+    ({"prompt": PROMPT, "enable_hr": True, "denoising_strength": 0.01}, "txt2img", "denoising_strength"),
+    ({"prompt": PROMPT, "restore_faces": True}, "txt2img", "restore_faces"),
     ({"prompt": PROMPT, "alwayson_scripts": {"ADetailer": {"args": [True]}}}, "txt2img", "alwayson_scripts"),
     ({"prompt": PROMPT + " <lora:../../etc/passwd:1>"}, "txt2img", "prompt"),
     ({"prompt": PROMPT + " <lora:/etc/passwd:1>"}, "txt2img", "prompt"),
