@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdonnx import __version__
 from sdonnx.errors import InputError
 from sdonnx.runtime.metadata import format_parameters, png_bytes, split_parameters
+from sdonnx.runtime.controlnet import Control
 from sdonnx.runtime.pipeline import GenerationCancelled, GenerationConfig
 from sdonnx.runtime.prompts import lora_tags
 from sdonnx.runtime.sampling import BY_A1111_NAME, SAMPLERS
@@ -56,8 +57,13 @@ HR_UPSCALERS = {"Latent": "latent", "Latent (nearest)": "latent-nearest", "Lancz
 # Fields sdonnx does not honour, with the value that means "off" (anything else is refused).
 UNSUPPORTED = {
     "restore_faces": False, "tiling": False, "subseed_strength": 0.0, "styles": [],
-    "script_name": None, "alwayson_scripts": {}, "refiner_checkpoint": None,
+    "script_name": None, "refiner_checkpoint": None,
 }
+# A1111's ControlNet extension, as alwayson_scripts["controlnet"]["args"] units (what webuiapi sends).
+CONTROL_MODES = {"Balanced": False, "ControlNet is more important": True, 0: False, 2: True}
+RESIZE_MODES = {"Just Resize": "stretch", "Crop and Resize": "crop", 0: "stretch", 1: "crop"}
+FILL = ("Resize and Fill", 2)  # padding: the same as stretching when the control image has the output's shape
+CONTROL_MODULES = ("none", "canny")
 # With enable_hr, the hires pass's own settings sdonnx does not honour (it reuses the first pass's).
 HR_UNSUPPORTED = {"hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None}
 
@@ -178,6 +184,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
         clip_skip=clip_skip, strength=body.denoising_strength if img2img else None,
         **(hires_fields(body) if body.enable_hr and not img2img else {}),
     )
+    fields["control"] = controls_from(body.alwayson_scripts, catalog.controlnets(model), body.width, body.height)
     try:
         config = GenerationConfig(**fields)
         check_seed_range(config, body.n_iter)
@@ -213,7 +220,8 @@ def run(work: Work, worker, catalog: Catalog) -> Result:
             images.append(image)
             infotexts.append(format_parameters(config, seed=image.info["seed"], model=pipe.model,
                                                size=image.info.get("first_pass_size", image.size),
-                                               lora_hashes=image.info.get("lora_hashes")))
+                                               lora_hashes=image.info.get("lora_hashes"),
+                                               controlnets=image.info.get("controlnets")))
     return Result(tuple(images), tuple(infotexts), catalog.title(work.model), worker.interrupted, timestamp)
 
 
@@ -314,6 +322,77 @@ def sampler_and_schedule(sampler: str, scheduler: str | None) -> tuple[str, str]
     return sampler, schedule
 
 
+def controls_from(scripts: dict[str, Any] | None, known: Mapping[str, Path], width: int | None,
+                  height: int | None) -> tuple[Control, ...]:
+    """alwayson_scripts -> Controls: the ControlNet extension's enabled units, each checked and named
+    `alwayson_scripts.controlnet.args.I.FIELD`; any other script is refused (sdonnx runs none)."""
+    scripts = dict(scripts or {})
+    units = []
+    for key in list(scripts):
+        if key.lower() == "controlnet":
+            args = scripts.pop(key).get("args", []) if isinstance(scripts[key], dict) else None
+            if not isinstance(args, list):
+                raise InputError(f"alwayson_scripts.{key}", scripts.get(key), '{"args": [unit, ...]}')
+            units += [(f"alwayson_scripts.{key}.args.{i}", unit) for i, unit in enumerate(args)]
+    if scripts:
+        raise InputError("alwayson_scripts", sorted(scripts), "only controlnet (sdonnx runs no other script)")
+    controls = []
+    for field, unit in units:
+        if not isinstance(unit, dict):
+            raise InputError(field, unit, "a ControlNet unit object")
+        if unit.get("enabled", True):
+            controls.append(control_unit(field, unit, known, width, height))
+    return tuple(controls)
+
+
+def control_unit(field: str, unit: dict, known: Mapping[str, Path], width: int | None, height: int | None) -> Control:
+    """One ControlNet unit of A1111's extension as a Control; InputError naming `field`.FIELD."""
+    model = str(unit.get("model", "")).split(" [")[0]  # "name [hash]", as the extension lists them
+    if model not in known:
+        raise InputError(f"{field}.model", unit.get("model"), f"one of {sorted(known)} (GET /controlnet/model_list)")
+    image = unit.get("image") or unit.get("input_image")
+    if isinstance(image, dict):  # the extension's newer {"image": ..., "mask": ...}
+        image = image.get("image")
+    if not image:
+        raise InputError(f"{field}.image", image, "a base64 control image")
+    picture = decode_image(image, f"{field}.image")
+    module = str(unit.get("module", "none")).lower()
+    if module not in CONTROL_MODULES:
+        raise InputError(f"{field}.module", unit.get("module"), f"one of {list(CONTROL_MODULES)}: give a processed "
+                         "control image (sdonnx runs no model-based preprocessor)")
+    if module == "canny":
+        from sdonnx.runtime.preprocess import canny
+
+        thresholds = [unit.get("threshold_a", 100), unit.get("threshold_b", 200)]
+        for i, value in enumerate(thresholds):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not float(value).is_integer():
+                raise InputError(f"{field}.threshold_{'ab'[i]}", value, "an integer from 0 to 255")
+        try:
+            picture = canny(picture, int(thresholds[0]), int(thresholds[1]))
+        except InputError as e:
+            raise InputError(f"{field}.threshold_{'a' if e.field == 'low' else 'b'}", e.received, e.expected) from None
+    mode = _choice(unit.get("control_mode", "Balanced"))
+    if mode not in CONTROL_MODES:
+        raise InputError(f"{field}.control_mode", mode, '"Balanced" or "ControlNet is more important"')
+    resize = _choice(unit.get("resize_mode", "Just Resize"))
+    if resize in FILL and width and height and picture.width * height == picture.height * width:
+        resize = "Just Resize"
+    if resize not in RESIZE_MODES:
+        raise InputError(f"{field}.resize_mode", resize, '"Just Resize", "Crop and Resize", or "Resize and Fill" '
+                         "for a control image of the output's aspect ratio")
+    try:
+        return Control(known[model], picture, scale=unit.get("weight", 1.0), start=unit.get("guidance_start", 0.0),
+                       end=unit.get("guidance_end", 1.0), guess_mode=CONTROL_MODES[mode], resize=RESIZE_MODES[resize])
+    except InputError as e:
+        names = {"control.scale": "weight", "control.start": "guidance_start", "control.end": "guidance_end"}
+        raise InputError(f"{field}.{names.get(e.field, e.field)}", e.received, e.expected) from None
+
+
+def _choice(value: object) -> str | int | None:
+    """A unit's enum value as given (a name or an index), None for anything else (a list, a bool)."""
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
 def hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
     """A1111's enable_hr fields as GenerationConfig's hires_* ones."""
     for name, off in HR_UNSUPPORTED.items():
@@ -405,6 +484,9 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 
 def as_a1111(error: InputError) -> InputError:
     """`error` with its field named as the A1111 request spells it."""
+    if error.field.startswith("control."):  # checked against the model (size, family): the units' field
+        return InputError("alwayson_scripts.controlnet.args." + error.field[len("control."):], error.received,
+                          error.expected)
     head, sep, rest = error.field.partition(":")
     field = A1111_FIELD.get(head, head) + sep + rest
     return InputError(field, error.received, error.expected) if field != error.field else error

@@ -151,6 +151,18 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
         return [{"name": name, "alias": name, "path": path.name, "metadata": {}}
                 for name, path in sorted(server.catalog.loras(server.model).items())]
 
+    @app.get("/controlnet/model_list", dependencies=guard, tags=["controlnet"])
+    async def controlnet_models() -> dict[str, list[str]]:
+        return {"model_list": sorted(server.catalog.controlnets(server.model))}
+
+    @app.get("/controlnet/module_list", dependencies=guard, tags=["controlnet"])
+    async def controlnet_modules() -> dict[str, list[str]]:
+        return {"module_list": list(a1111.CONTROL_MODULES)}
+
+    @app.get("/controlnet/version", dependencies=guard, tags=["controlnet"])
+    async def controlnet_version() -> dict[str, int]:
+        return {"version": 2}
+
     @app.get("/sdapi/v1/scripts", dependencies=guard, tags=["a1111"])
     async def scripts() -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}

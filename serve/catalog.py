@@ -19,6 +19,7 @@ from sdonnx.runtime import lora
 from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
 from sdonnx.runtime.metadata import recorded_hash
 from sdonnx.runtime.model import MANIFEST_NAME, read_facts
+from sdonnx.runtime.controlnet import CONTROLNETS_DIR
 from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, check_before_load
 from sdonnx.runtime.request import Request
@@ -80,6 +81,16 @@ class Catalog:
             tokenizers, adapters = self._checkers[name]
             return check_before_load(root, facts, self.options.memory, config, image, mask, lora_dir=self.lora_dir,
                                      control_dir=self.control_dir, tokenizers=tokenizers, adapters=adapters)
+
+    def controlnets(self, name: str) -> dict[str, Path]:
+        """ControlNet name -> folder for model `name`: the ControlNet folder's, then the model's own
+        `controlnets/` (as Control(model=NAME) resolves them); requests name them, never give paths."""
+        root = self.facts(name)[0]
+        found: dict[str, Path] = {}
+        for place in (root / CONTROLNETS_DIR, self.control_dir):
+            if place is not None and Path(place).is_dir():
+                found |= {p.name: p for p in sorted(Path(place).iterdir()) if (p / MANIFEST_NAME).is_file()}
+        return found
 
     def pipeline(self, name: str) -> Pipeline:
         """The loaded pipeline of model `name`, loading it (and releasing the other) if needed."""

@@ -119,6 +119,33 @@ def test_hires_fix_through_webuiapi(api, pipe):
     assert "Size: 64x64" in result.info["infotexts"][0] and "Hires upscaler: Lanczos" in result.info["infotexts"][0]
 
 
+def circle_control(size: int = 64) -> Image.Image:
+    control = Image.new("RGB", (size, size), "black")
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(control).ellipse((8, 30, 30, 52), fill="white")  # lower left
+    return control
+
+
+def test_controlnet_units_through_webuiapi(api, pipe, served):
+    from sdonnx import Control
+
+    control = circle_control()
+    unit = webuiapi.ControlNetUnit(image=control, model="embedded", weight=1.0)  # webuiapi's "Resize and Fill"
+    result = api.txt2img(prompt=PROMPT, seed=2, steps=8, width=64, height=64, cfg_scale=2, controlnet_units=[unit])
+    expected = pipe(PROMPT, seed=2, steps=8, guidance=2.0, sampler="euler", control=Control("embedded", control))[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(expected))
+    assert "ControlNet 0:" in result.info["infotexts"][0]
+    assert requests.get(served.url + "/controlnet/model_list", timeout=10).json() == {"model_list": ["embedded"]}
+    canny = webuiapi.ControlNetUnit(image=control, module="canny", model="embedded", threshold_a=50, threshold_b=150)
+    edged = api.txt2img(prompt=PROMPT, seed=2, steps=8, width=64, height=64, cfg_scale=2, controlnet_units=[canny])
+    from sdonnx.runtime.preprocess import canny as edges
+
+    want = pipe(PROMPT, seed=2, steps=8, guidance=2.0, sampler="euler",
+                control=Control("embedded", edges(control, 50, 150)))[0]
+    assert np.array_equal(np.asarray(edged.image.convert("RGB")), np.asarray(want))
+
+
 def test_n_iter_seeds_follow_a1111(api):
     result = api.txt2img(prompt=PROMPT, seed=100, steps=2, width=64, height=64, batch_size=2, n_iter=2)
     assert result.info["all_seeds"] == [100, 101, 102, 103]
@@ -218,6 +245,22 @@ BAD = [  # (body, route, the field the 422 names)
     ({"prompt": PROMPT, "enable_hr": True, "denoising_strength": 0.01}, "txt2img", "denoising_strength"),
     ({"prompt": PROMPT, "restore_faces": True}, "txt2img", "restore_faces"),
     ({"prompt": PROMPT, "alwayson_scripts": {"ADetailer": {"args": [True]}}}, "txt2img", "alwayson_scripts"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [{"model": "nope", "image": "{init}"}]}}},
+     "txt2img", "alwayson_scripts.ControlNet.args.0.model"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [
+        {"model": "embedded", "image": "{init}", "module": "depth_midas"}]}}},
+     "txt2img", "alwayson_scripts.ControlNet.args.0.module"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [
+        {"model": "embedded", "image": "{init}", "control_mode": "My prompt is more important"}]}}},
+     "txt2img", "alwayson_scripts.ControlNet.args.0.control_mode"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [
+        {"model": "embedded", "image": "{init}", "weight": "heavy"}]}}},
+     "txt2img", "alwayson_scripts.ControlNet.args.0.weight"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [
+        {"model": "embedded", "image": "{init}", "resize_mode": ["x"]}]}}},
+     "txt2img", "alwayson_scripts.ControlNet.args.0.resize_mode"),
+    ({"prompt": PROMPT, "alwayson_scripts": {"ControlNet": {"args": [{"model": "embedded", "image": "{init}"}]}},
+      "enable_hr": True}, "txt2img", "hr_scale"),
     ({"prompt": PROMPT + " <lora:../../etc/passwd:1>"}, "txt2img", "prompt"),
     ({"prompt": PROMPT + " <lora:/etc/passwd:1>"}, "txt2img", "prompt"),
     ({"prompt": PROMPT, "override_settings": {"sd_model_checkpoint": "/etc"}}, "txt2img",
@@ -236,8 +279,10 @@ BAD = [  # (body, route, the field the 422 names)
 @pytest.mark.parametrize("body, route, field", BAD, ids=[f"{r}-{f}-{i}" for i, (_, r, f) in enumerate(BAD)])
 def test_bad_requests_get_422_naming_the_a1111_field(served, body, route, field):
     images = {"{init}": b64_png(Image.new("RGB", (64, 64), "white")), "{small}": b64_png(Image.new("L", (32, 32)))}
-    body = {k: ([images.get(i, i) for i in v] if k == "init_images" else images.get(v, v) if isinstance(v, str) else v)
-            for k, v in body.items()}
+    body = json.loads(json.dumps(body), object_hook=lambda d: {k: images.get(v, v) if isinstance(v, str) else v
+                                                               for k, v in d.items()})
+    if "init_images" in body:
+        body["init_images"] = [images.get(i, i) for i in body["init_images"]]
     started = time.monotonic()
     r = requests.post(f"{served.url}/sdapi/v1/{route}", json=body, timeout=30)
     assert r.status_code == 422, r.text
