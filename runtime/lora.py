@@ -184,13 +184,17 @@ def check_shape(path: Path, m: LoraModule, weight: tuple[int, ...], *, field: st
                                            "(a LoRA for another model family or size?)")
 
 
-def merge(loras: Sequence[tuple[Lora, float]], graphs: Mapping[str, Graph],
+def merge(loras: Sequence[tuple[Lora, LoraChoice | float]], graphs: Mapping[str, Graph],
           maps: Mapping[str, Mapping[str, WeightRef]]) -> dict[str, dict[str, np.ndarray]]:
     """component -> {initializer: merged tensor} for the weights the LoRAs change, in the stored
-    dtype and layout (quantized weights get new integer values, scale and zero point)."""
+    dtype and layout (quantized weights get new integer values, scale and zero point). Each LoRA
+    comes with its weight, or its LoraChoice (whose weight may differ for the U-Net)."""
     changes: dict[tuple[str, str], np.ndarray] = {}  # in the stored tensor's layout
-    for lora, weight in loras:
+    for lora, chosen in loras:
         for m in lora.modules:
+            weight = chosen.weight_of(m.component) if isinstance(chosen, LoraChoice) else chosen
+            if weight == 0:
+                continue
             ref = maps[m.component][m.module]
             shape = graphs[m.component].initializers[ref.initializer].shape
             change = m.delta(weight, transposed=ref.layout == "in_out").reshape(shape)
@@ -304,13 +308,18 @@ def _inner(prefix: str, kind: str, rest: list[str]) -> str | None:
 
 @dataclass(frozen=True)
 class LoraChoice:
-    """One LoRA a request asks for: the name as the user wrote it, the file it names, its weight, and
-    the field it came from (for messages)."""
+    """One LoRA a request asks for: the name as the user wrote it, the file it names, its weight (the
+    text encoders', and the U-Net's unless unet_weight says otherwise: A1111's <lora:NAME:TE:UNET>),
+    and the field it came from (for messages)."""
 
     name: str
     path: Path
     weight: float
     field: str = "loras"
+    unet_weight: float | None = None
+
+    def weight_of(self, component: str) -> float:
+        return self.unet_weight if component == "unet" and self.unet_weight is not None else self.weight
 
 
 def available(lora_dir: Path | None) -> dict[str, Path]:
@@ -327,17 +336,20 @@ def check_weight(name: str, weight: object, field: str = "loras") -> None:
         raise InputError(f"{field}: {name}", weight, f"a LoRA weight in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}]")
 
 
-def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None,
+def choose(requested: Iterable[tuple], lora_dir: Path | None,
            model_root: Path | None = None) -> tuple[LoraChoice, ...]:
-    """(name or path, weight, field) -> the LoRAs to apply. A name resolves against `lora_dir` (by file
-    stem, subfolders included), then the model folder's own `loras/` (the embedded model ships its
-    LCM-LoRA there); a path (with a suffix or a folder) against `lora_dir`, then as given.
-    Weight 0 switches a LoRA off; one file asked for twice gets the sum of its weights."""
+    """(name or path, weight, field[, unet weight]) -> the LoRAs to apply. A name resolves against
+    `lora_dir` (by file stem, subfolders included), then the model folder's own `loras/` (the embedded
+    model ships its LCM-LoRA there); a path (with a suffix or a folder) against `lora_dir`, then as
+    given. Weight 0 switches a LoRA off; one file asked for twice gets the sum of its weights."""
     own = None if model_root is None else Path(model_root) / MODEL_LORAS
     found = None
     chosen: dict[Path, LoraChoice] = {}
-    for name, weight, field in requested:
+    for name, weight, field, *rest in requested:
+        unet_weight = rest[0] if rest and rest[0] != weight else None
         check_weight(name, weight, field)
+        if unet_weight is not None:
+            check_weight(name, unet_weight, field)
         as_path = Path(name)
         if as_path.suffix or len(as_path.parts) > 1:
             inside = lora_dir is not None and not as_path.is_absolute()
@@ -352,10 +364,14 @@ def choose(requested: Iterable[tuple[str, float, str]], lora_dir: Path | None,
                      f"{', ...' if len(names) > 20 else ''})" if lora_dir is not None else "no --lora-dir given")
             raise InputError(field, name, f"a LoRA file, or the name of one in the LoRA folder; {where}")
         path = path.resolve()
+        choice = LoraChoice(name, path, float(weight), field, None if unet_weight is None else float(unet_weight))
         if path in chosen:
-            weight += chosen[path].weight
-        chosen[path] = LoraChoice(name, path, float(weight), field)
-    return tuple(c for c in chosen.values() if c.weight != 0)
+            before = chosen[path]
+            unet = before.weight_of("unet") + choice.weight_of("unet")
+            total = before.weight + choice.weight
+            choice = LoraChoice(name, path, total, field, None if unet == total else unet)
+        chosen[path] = choice
+    return tuple(c for c in chosen.values() if c.weight != 0 or c.weight_of("unet") != 0)
 
 
 class Adapters:
@@ -401,7 +417,7 @@ class Adapters:
             self._maps[component] = dict(recorded) if recorded is not None else derive(self.graph(component))
         return self._maps[component]
 
-    def prepare(self, choices: Sequence[LoraChoice]) -> list[tuple[Lora, float]]:
+    def prepare(self, choices: Sequence[LoraChoice]) -> list[tuple[Lora, LoraChoice]]:
         """Each chosen file parsed and checked against this model (shapes included), no graph opened."""
         if not choices:
             return []
@@ -420,7 +436,7 @@ class Adapters:
                                      "and quantize that)")
             check_shapes(lora, {c: self.graph(c) for c in lora.components}, maps, field=choice.field)
             parsed[key] = lora
-            out.append((lora, choice.weight))
+            out.append((lora, choice))
         self._parsed = parsed
         return out
 
@@ -442,12 +458,13 @@ class Adapters:
         weights change are closed (before the merge, so two copies never coexist) and re-opened on
         their next use."""
         rows = {c: r for c, r in (rows or {}).items() if r}
-        key = (tuple((c.path, c.path.stat().st_mtime_ns, c.weight) for c in choices),
+        key = (tuple((c.path, c.path.stat().st_mtime_ns, c.weight, c.unet_weight) for c in choices),
                tuple((c, tuple((i, v.tobytes()) for i, v in sorted(r.items()))) for c, r in sorted(rows.items())))
         if key == self._active:
             return
         loras = self.prepare(choices)
-        touching = {m.component for lora, _ in loras for m in lora.modules} | set(rows)
+        touching = {m.component for lora, chosen in loras for m in lora.modules if chosen.weight_of(m.component)}
+        touching |= set(rows)
         for component in self._touched | touching:
             sessions.replace_weights(component, {})
         maps = {c: self.weight_map(c) for c in touching}

@@ -628,7 +628,7 @@ def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int
 def requested_loras(config: GenerationConfig, lora_dir: Path | None, model_root: Path | None = None
                     ) -> tuple[LoraChoice, ...]:
     """The LoRAs `config` asks for: its prompt's <lora:NAME:WEIGHT> tags, then its `loras`."""
-    return choose([(name, weight, "prompt") for name, weight in lora_tags(config.prompt)]
+    return choose([(name, weight, "prompt", unet) for name, weight, unet in lora_tags(config.prompt)]
                   + [(name, weight, "loras") for name, weight in config.loras], lora_dir, model_root)
 
 

@@ -68,20 +68,46 @@ def strip_tags(text: str) -> str:
     return _TAG.sub("", text)
 
 
-def lora_tags(text: str, *, field: str = "prompt") -> list[tuple[str, float]]:
-    """(NAME, WEIGHT) of each `<lora:NAME:WEIGHT>` tag, in order; InputError for a malformed one."""
+def lora_tags(text: str, *, field: str = "prompt") -> list[tuple[str, float, float]]:
+    """(NAME, TEXT ENCODER WEIGHT, U-NET WEIGHT) of each tag, in order; InputError for a malformed one.
+
+    A1111's forms: `<lora:NAME>` (1), `<lora:NAME:W>` (both W), `<lora:NAME:TE:UNET>`, and the named
+    `<lora:NAME:te=TE:unet=UNET>` (either may be left out: unet defaults to te, te to 1)."""
     tags = []
     for match in _TAG.finditer(text):
         name, *rest = match[2].split(":")
-        try:
-            weight = float(rest[0]) if rest else 1.0
-        except ValueError:
-            weight = None
-        if not name.strip() or len(rest) > 1 or weight is None or not np.isfinite(weight):
-            raise InputError(field, match[0], "<lora:NAME:WEIGHT> with a file name and one number (A1111's "
-                                              "separate text-encoder and U-Net weights are not supported)")
-        tags.append((name.strip(), weight))
+        weights = _tag_weights(rest)
+        if not name.strip() or weights is None:
+            raise InputError(field, match[0], "<lora:NAME:WEIGHT> or <lora:NAME:TE:UNET> (A1111's forms, "
+                                              "te=/unet= named too): a file name and finite numbers")
+        tags.append((name.strip(), *weights))
     return tags
+
+
+def _tag_weights(parts: list[str]) -> tuple[float, float] | None:
+    """A tag's weights after its name: (te, unet); None when they do not parse."""
+    named, positional = {}, []
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if sep:
+            if key.strip() not in ("te", "unet") or key.strip() in named:
+                return None
+            named[key.strip()] = value
+        elif named:  # a positional weight after a named one
+            return None
+        else:
+            positional.append(part)
+    if len(positional) > 2:
+        return None
+    values = dict(zip(("te", "unet"), positional)) | named
+    if len(positional) + len(named) != len(values):  # a weight given both ways
+        return None
+    try:
+        te = float(values.get("te", 1.0))
+        unet = float(values["unet"]) if "unet" in values else te
+    except ValueError:
+        return None
+    return (te, unet) if np.isfinite(te) and np.isfinite(unet) else None
 
 
 def parse_prompt_attention(text: str, *, field: str = "prompt") -> list[tuple[str, float]]:

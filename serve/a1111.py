@@ -435,7 +435,7 @@ def check_seed_range(config: GenerationConfig, n_iter: int) -> None:
 
 def check_lora_names(prompt: str, names: Mapping[str, Path]) -> None:
     """Each <lora:NAME:W> must name one of `names` (the LoRA folder's and the model's own): no paths."""
-    for name, _ in lora_tags(prompt):
+    for name, *_ in lora_tags(prompt):
         if name not in names:
             raise InputError("prompt", f"<lora:{name}:...>",
                              f"a LoRA name from GET /sdapi/v1/loras ({', '.join(sorted(names)[:20]) or 'none here'})")

@@ -90,8 +90,10 @@ _TEXT_ATTENTION = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v
 
 @torch.no_grad()
 def merged(pipe, loras) -> None:
-    """Merge [(file, weight), ...] into `pipe`'s modules in place, through diffusers' key conversion."""
-    for path, weight in loras:
+    """Merge [(file, weight), ...] into `pipe`'s modules in place, through diffusers' key conversion;
+    a weight may be (text encoder weight, U-Net weight)."""
+    for path, weights in loras:
+        te_weight, unet_weight = weights if isinstance(weights, tuple) else (weights, weights)
         state, alphas = type(pipe).lora_state_dict(str(path), unet_config=pipe.unet.config)
         alphas = alphas or {}
         for key, down in state.items():
@@ -113,4 +115,5 @@ def merged(pipe, loras) -> None:
             alpha = alphas.get(key + ".alpha", alphas.get(module_path + ".alpha"))
             rank = down.shape[0]
             delta = (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
+            weight = unet_weight if component == "unet" else te_weight
             module.weight += weight * (1.0 if alpha is None else alpha / rank) * delta

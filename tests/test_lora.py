@@ -136,6 +136,24 @@ def test_prompt_tag_is_the_loras_argument_and_leaves_the_text(references, tiny_e
     assert image.info["lora_hashes"] == {"style": pipe.adapters.short_hash(lora.resolve())}
 
 
+@pytest.mark.parametrize("tag, weights", [("<lora:style:0.7:0.3>", (0.7, 0.3)),
+                                          ("<lora:style:te=0:unet=0.8>", (0, 0.8)),
+                                          ("<lora:style:unet=0>", (1.0, 0.0))])
+def test_separate_text_encoder_and_unet_weights_match_diffusers(references, tiny_exports, tmp_path, tag, weights):
+    """A1111's <lora:NAME:TE:UNET>: the text encoders' and the U-Net's weights apart."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    lora = lora_files.write_kohya(folder / "style.safetensors", references["sd1"])
+    pipe = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False, lora_dir=folder)
+    x = latents(pipe)
+    expected = oracle_image(references["sd1"], [(lora, weights)], x)
+    image = pipe(PROMPT + " " + tag, NEGATIVE, latents=x, steps=STEPS, guidance=GUIDANCE, sampler="euler", seed=0)[0]
+    got = np.asarray(image, dtype=np.float64) / 255
+    assert float(np.abs(got - expected).max()) <= TOLERANCE
+    both = oracle_image(references["sd1"], [(lora, max(weights))], x)
+    assert float(np.abs(got - both).max()) >= MOVES  # not the same weight for both
+
+
 def test_img2img_with_a_lora_matches_diffusers(references, pipelines, tmp_path):
     from PIL import Image
 
@@ -235,8 +253,11 @@ def test_bad_lora_inputs_get_clear_errors(references, tiny_exports, tmp_path):
         pipe("a cat <lora:old:1>", steps=1)
     with pytest.raises(InputError, match="LoHa"):
         pipe("a cat <lora:loha:1>", steps=1)
-    with pytest.raises(InputError, match="<lora:NAME:WEIGHT>"):
-        pipe("a cat <lora:style:strong>", steps=1)
+    for tag in ("<lora:style:strong>", "<lora:style:1:2:3>", "<lora:style:dyn=4>", "<lora:style:0.5:te=1>"):
+        with pytest.raises(InputError, match="<lora:NAME:WEIGHT>"):
+            pipe(f"a cat {tag}", steps=1)
+    with pytest.raises(InputError, match="LoRA weight in"):
+        pipe("a cat <lora:style:1:50>", steps=1)  # the U-Net's weight is checked too
     with pytest.raises(InputError, match="LoRA weight in"):
         pipe("a cat", loras={"style": 50}, steps=1)
     with pytest.raises(InputError, match="lora_dir"):
