@@ -76,7 +76,8 @@ def test_reads_a1111_files():
         "negative_prompt": "lowres, bad anatomy\nworst quality",
         "steps": 25, "sampler": "dpmpp_2m", "schedule": "karras", "guidance": 6.5, "seed": 3141592653,
         "width": 512, "height": 768, "clip_skip": 2, "rng": "torch",
-        "hires_scale": 2.0, "hires_strength": 0.6, "hires_upscaler": "latent",  # its denoising strength: the hires pass's
+        # a hires-fix file: its denoising strength is the hires pass's
+        "hires_scale": 2.0, "hires_strength": 0.6, "hires_upscaler": "latent",
     }
     GenerationConfig(**fields)  # every value is valid as it comes
     fields = parse_parameters(A1111_V15)
