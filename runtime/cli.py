@@ -124,6 +124,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--hires-steps", type=int, help="hires fix: the second pass's steps (default: --steps)")
     generate.add_argument("--hires-upscaler", choices=("latent", "latent-nearest", "lanczos"),
                           help="hires fix: upscale the latent (bilinear, nearest) or the image (default latent)")
+    generate.add_argument("--only-masked", action="store_true", default=None,
+                          help="inpaint only the mask's area at --size, pasted back (A1111's \"Only masked\")")
+    generate.add_argument("--only-masked-padding", type=int, metavar="PX",
+                          help="with --only-masked: pixels around the mask's box (default 32)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.add_argument("--preview", type=Path, metavar="FILE.png",
                           help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
@@ -212,7 +216,7 @@ def _generate(args: argparse.Namespace) -> int:
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
     for image, path in zip(images, outputs):
-        size = image.info.get("first_pass_size", image.size)
+        size = image.info.get("generation_size", image.size)
         parameters = format_parameters(config, seed=image.info["seed"], size=size, model=pipe.model,
                                        refiner=refiner.model if refiner is not None else None,
                                        lora_hashes=image.info.get("lora_hashes"),

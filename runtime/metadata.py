@@ -65,6 +65,7 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
     ("Refiner switch at", "refiner_switch", float),
     ("Hires upscale", "hires_scale", float),
     ("Hires steps", "hires_steps", int),
+    ("Masked area padding", "only_masked_padding", int),
 )
 
 
@@ -106,6 +107,8 @@ def format_parameters(
         "Hires upscale": _number(config.hires_scale) if hires else None,
         "Hires steps": config.hires_steps if hires and config.hires_steps else None,
         "Hires upscaler": HIRES_UPSCALER_NAMES[config.hires_upscaler] if hires else None,
+        "Inpaint area": "Only masked" if config.only_masked else None,
+        "Masked area padding": config.only_masked_padding if config.only_masked else None,
         "Lora hashes": ", ".join(f"{name}: {h}" for name, h in lora_hashes.items()) if lora_hashes else None,
         **{f"ControlNet {i}": _control_text(control, name, h)
            for i, (control, (name, h)) in enumerate(zip(config.control, controlnets or ()))},
@@ -163,6 +166,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 fields[field] = kind(raw[key])
             except ValueError:
                 raise InputError(f"parameters: {key}", raw[key], "an integer" if kind is int else "a number") from None
+    if raw.get("Inpaint area") == "Only masked":
+        fields["only_masked"] = True
     if "hires_scale" in fields:  # a hires-fix image: its denoising strength is the second pass's
         if "strength" in fields:
             fields["hires_strength"] = fields.pop("strength")

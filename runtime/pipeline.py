@@ -27,13 +27,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdonnx.config import check_choice, check_int, check_real, is_int
+from sdonnx.config import check_bool, check_choice, check_int, check_real, is_int
 from sdonnx.errors import InputError, ModelError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime.denoiser import Conditioning, Guidance, GuidedDenoiser, UNetModel
 from sdonnx.runtime import embeddings, graph_cache
 from sdonnx.runtime.controlnet import Control, ControlHint, ControlNets, ControlRequest, check_controls
-from sdonnx.runtime.images import check_finite, decode, encode, image_pixels, resize_latents
+from sdonnx.runtime.images import (
+    check_finite, decode, default_size, encode, image_pixels, open_image, resize_latents,
+)
+from sdonnx.runtime.masked import crop_region, cut, paste
 from sdonnx.runtime.lora import Adapters, LoraChoice, check_weight, choose
 from sdonnx.runtime.manifest import Manifest, text_encoders
 from sdonnx.runtime.model import ModelFolder
@@ -55,6 +58,7 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # for models whose manifest recommend
 MAX_BATCH = 256  # images per request; memory-bound batches are split into runs below this
 MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a torch generator
 HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
+MAX_PADDING = 256  # A1111's slider
 MAX_HIRES_SCALE = 4
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
@@ -112,6 +116,11 @@ class GenerationConfig:
     hires_strength: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str = "latent"
+    # Inpainting only the masked area (A1111's "Only masked", masked.py): the mask's box grown by
+    # only_masked_padding pixels and to the generation size's aspect ratio is repainted at that size
+    # and pasted back; the images come out at the init image's size.
+    only_masked: bool = False
+    only_masked_padding: int = 32
     # LoRAs to apply for this request, {file or name: weight} (names resolve in the pipeline's
     # lora_dir), besides the prompt's <lora:NAME:WEIGHT> tags; held as ((name, weight), ...).
     loras: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
@@ -147,6 +156,8 @@ class GenerationConfig:
             if getattr(self, name) is not None:
                 check_real(name, getattr(self, name), 0, high)
         _check_hires(self)
+        check_bool("only_masked", self.only_masked)
+        check_int("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
         object.__setattr__(self, "loras", _loras(self.loras))
         object.__setattr__(self, "control", _controls(self.control))
         lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
@@ -387,6 +398,8 @@ class Pipeline:
         images of the step's x0 estimate (previews.py; computed only when called).
         Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint).
         """
+        if config.only_masked:
+            return self._only_masked(config, image, mask, latents, callback, refiner, previews)
         request = self.check(self._with_refiner(config, refiner), image=image, mask=mask)
         config = request.config
         seed = config.seed if config.seed is not None else secrets.randbelow(2**32)  # short enough to retype
@@ -407,9 +420,32 @@ class Pipeline:
                 image.info["controlnets"] = nets
             if request.image is not None:
                 image.info["strength"] = config.strength
-            if request.hires is not None:  # what PNG parameters record as Size, as A1111 does
-                image.info["first_pass_size"] = (request.width, request.height)
+            if request.hires is not None:  # the Size PNG parameters record (A1111's: the first pass's)
+                image.info["generation_size"] = (request.width, request.height)
         return images
+
+    def _only_masked(self, config: GenerationConfig, image: ImageInput | None, mask: ImageInput | None,
+                     latents, callback, refiner, previews: bool) -> list[Image.Image]:
+        """Inpaint only the masked area (masked.py): cut it out, inpaint it at the generation size
+        (config's, else the init image's rounded to a multiple of 8), paste it back."""
+        if image is None or mask is None:
+            raise InputError("only_masked", True, "an init image and a mask (it is a way of inpainting)")
+        picture, drawn = open_image(image, "image"), open_image(mask, "mask")
+        if drawn.size != picture.size:
+            raise InputError("mask", f"{drawn.width}x{drawn.height}", f"the init image's size, "
+                             f"{picture.width}x{picture.height}")
+        height, width = default_size(picture, SIZE_MULTIPLE)
+        height, width = config.height or height, config.width or width
+        region = crop_region(drawn, padding=config.only_masked_padding, aspect=(width, height))
+        part, part_mask = cut(picture, drawn, region, width, height)
+        made = self.generate(replace(config, only_masked=False, height=height, width=width), image=part,
+                             mask=part_mask, latents=latents, callback=callback, refiner=refiner, previews=previews)
+        pasted = []
+        for image in made:
+            whole = paste(picture, image, drawn, region)
+            whole.info = {**image.info, "generation_size": (width, height), "inpaint_region": region}
+            pasted.append(whole)
+        return pasted
 
     def _run(
         self,

@@ -36,6 +36,7 @@ from sdonnx.config import is_int, is_real
 from sdonnx.errors import InputError
 from sdonnx.runtime.images import default_size, open_image
 from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
+from sdonnx.runtime.masked import crop_region
 from sdonnx.runtime.memory import MemoryPolicy
 from sdonnx.runtime.prompts import tokenize_prompt
 from sdonnx.runtime.starts import ImageInput, check_mode, default_strength, inpainting_unet
@@ -97,6 +98,10 @@ def check_request(
                 "mask", f"{opened_mask.width}x{opened_mask.height}", f"the init image's size, {opened.width}x{opened.height}"
             )
         mask = opened_mask
+    if config.only_masked:
+        if mask is None:
+            raise InputError("only_masked", True, "an init image and a mask (it is a way of inpainting)")
+        crop_region(mask, padding=config.only_masked_padding, aspect=(width, height))  # a mask with white in it
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
     if tokenizers is None:

@@ -52,6 +52,7 @@ A1111_FIELD = {
     "schedule": "scheduler", "image": "init_images", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "loras": "prompt", "hires_scale": "hr_scale", "hires_strength": "denoising_strength",
     "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+    "only_masked_padding": "inpaint_full_res_padding",
 }
 HR_UPSCALERS = {"Latent": "latent", "Latent (nearest)": "latent-nearest", "Lanczos": "lanczos"}
 # Fields sdonnx does not honour, with the value that means "off" (anything else is refused).
@@ -115,6 +116,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: str | None = Field(None, description="base64 mask, white = repaint")
     inpainting_mask_invert: int = Field(0, description="1: repaint the black part instead")
     resize_mode: int = Field(0, description="0: just resize, 1: crop and resize")
+    inpaint_full_res: bool = Field(True, description="with a mask: repaint only the masked area at width x height "
+                                   "(A1111's default), else the whole picture")
+    inpaint_full_res_padding: int = Field(0, description="pixels around the mask's box")
     denoising_strength: float | None = 0.75
     image_cfg_scale: float | None = None
     include_init_images: bool = False
@@ -182,6 +186,8 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, guidance=body.cfg_scale,
         sampler=sampler, schedule=schedule, seed=seed, batch=body.batch_size, height=body.height, width=body.width,
         clip_skip=clip_skip, strength=body.denoising_strength if img2img else None,
+        **({"only_masked": True, "only_masked_padding": body.inpaint_full_res_padding}
+           if img2img and mask is not None and body.inpaint_full_res else {}),
         **(hires_fields(body) if body.enable_hr and not img2img else {}),
     )
     fields["control"] = controls_from(body.alwayson_scripts, catalog.controlnets(model), body.width, body.height)
@@ -219,7 +225,7 @@ def run(work: Work, worker, catalog: Catalog) -> Result:
         for image in made:
             images.append(image)
             infotexts.append(format_parameters(config, seed=image.info["seed"], model=pipe.model,
-                                               size=image.info.get("first_pass_size", image.size),
+                                               size=image.info.get("generation_size", image.size),
                                                lora_hashes=image.info.get("lora_hashes"),
                                                controlnets=image.info.get("controlnets")))
     return Result(tuple(images), tuple(infotexts), catalog.title(work.model), worker.interrupted, timestamp)

@@ -31,7 +31,7 @@ def test_lanczos_hires_is_img2img_of_the_upscaled_first_pass(pipe):
         want = pipe.img2img(PROMPT, image=base.resize((128, 128), Image.Resampling.LANCZOS), seed=3 + k, steps=8,
                             strength=0.5)[0]
         assert np.array_equal(np.asarray(image), np.asarray(want))
-        assert image.info["first_pass_size"] == (64, 64)
+        assert image.info["generation_size"] == (64, 64)
 
 
 def test_latent_hires_runs_its_steps_at_the_upscaled_size(pipe):

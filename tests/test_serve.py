@@ -181,8 +181,13 @@ def test_inpaint_mask_invert_and_data_prefix(served, pipe):
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
     inverted = Image.eval(mask, lambda v: 255 - v)
     expected = pipe.inpaint(PROMPT, image=init, mask=inverted, seed=2, steps=6, guidance=2.0, sampler="euler",
-                            strength=1.0)[0]
+                            strength=1.0, only_masked=True, only_masked_padding=0)[0]  # A1111's inpaint_full_res
     assert np.array_equal(got, np.asarray(expected))
+    whole = requests.post(served.url + "/sdapi/v1/img2img", json={**body, "inpaint_full_res": False}, timeout=60)
+    expected = pipe.inpaint(PROMPT, image=init, mask=inverted, seed=2, steps=6, guidance=2.0, sampler="euler",
+                            strength=1.0)[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(whole.json()["images"][0]))).convert(
+        "RGB")), np.asarray(expected))
 
 
 def test_samplers_schedulers_and_models(api):
