@@ -178,8 +178,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
     model = catalog.name_of(overrides.pop("sd_model_checkpoint", current), "override_settings.sd_model_checkpoint")
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip)
     check_iterations(body.n_iter)
-    root, facts = catalog.facts(model)
-    image, mask = (read_images(body) if img2img else (None, None))
+    image, mask = read_images(body) if img2img else (None, None)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index, body.scheduler)
     seed = secrets.randbelow(MAX_SEED + 1) if body.seed in (-1, None) else body.seed
     fields = dict(
@@ -202,8 +201,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
     if request.hires is not None and max(request.hires) > limits.max_side:
         raise InputError("hr_scale", body.hr_scale, f"an upscaled size of at most {limits.max_side} on this server "
                          f"(--max-side); {request.hires[1]}x{request.hires[0]} asked")
-    return Work(model, request.config, body.n_iter,
-                "img2img" if img2img else "txt2img", image, mask)
+    return Work(model, request.config, body.n_iter, "img2img" if img2img else "txt2img", image, mask)
 
 
 def run(work: Work, worker, catalog: Catalog) -> Result:

@@ -90,7 +90,6 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(NameTheProcess)
-
     add_error_handlers(app)
     guard = [Depends(basic_auth(config.api_auth))]
 
