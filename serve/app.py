@@ -26,10 +26,12 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from sdonnx import __version__
 from sdonnx.config import check_int
 from sdonnx.errors import InputError, SdonnxError
+from sdonnx.runtime import embeddings
+from sdonnx.runtime.request import available_memory
 from sdonnx.serve import a1111
 from sdonnx.serve.a1111 import Img2ImgRequest, OpenAIImageRequest, PngInfoRequest, Txt2ImgRequest
 from sdonnx.serve.catalog import Catalog
-from sdonnx.serve.config import ServeConfig
+from sdonnx.serve.config import ServeConfig, is_loopback
 from sdonnx.serve.worker import Busy, Job, Stopping, Worker
 
 POLL_SECONDS = 0.25  # how often a waiting request checks that its client is still there
@@ -162,6 +164,49 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
     async def controlnet_version() -> dict[str, int]:
         return {"version": 2}
 
+    @app.get("/sdapi/v1/upscalers", dependencies=guard, tags=["a1111"])
+    async def upscalers() -> list[dict[str, Any]]:
+        """The image upscalers the hires fix has (the latent ones: /latent-upscale-modes)."""
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in ("None", "Lanczos")]
+
+    @app.get("/sdapi/v1/latent-upscale-modes", dependencies=guard, tags=["a1111"])
+    async def latent_upscale_modes() -> list[dict[str, str]]:
+        return [{"name": name} for name in ("Latent", "Latent (nearest)")]
+
+    @app.get("/sdapi/v1/embeddings", dependencies=guard, tags=["a1111"])
+    async def embeddings_list() -> dict[str, dict]:
+        """Textual-inversion files of --embeddings-dir, used where their name is a word of a prompt."""
+        names = embeddings.available(server.catalog.embeddings_dir)
+        return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": None,
+                                  "vectors": None} for name in sorted(names)}, "skipped": {}}
+
+    @app.get("/sdapi/v1/memory", dependencies=guard, tags=["a1111"])
+    async def memory() -> dict[str, Any]:
+        free = available_memory()
+        ram = {"free": free, "used": None, "total": None} if free is not None else {"error": "unknown here"}
+        return {"ram": ram, "cuda": {"error": "sdonnx reports no GPU memory"}}
+
+    @app.get("/sdapi/v1/cmd-flags", dependencies=guard, tags=["a1111"])
+    async def cmd_flags() -> dict[str, Any]:
+        return {"api": True, "nowebui": False, "listen": not is_loopback(config.host), "port": config.port,
+                "lora_dir": server.catalog.lora_dir is not None}
+
+    @app.post("/sdapi/v1/refresh-checkpoints", dependencies=guard, tags=["a1111"])
+    async def refresh_checkpoints() -> None:
+        """Look for model folders again (a folder of models gains or loses some); LoRAs are read per request."""
+        await run_in_threadpool(server.catalog.refresh)
+        if server.model not in server.catalog.folders:
+            server.model = server.catalog.default
+
+    @app.post("/sdapi/v1/refresh-loras", dependencies=guard, tags=["a1111"])
+    async def refresh_loras() -> None:
+        """Nothing to do: the LoRA folder is read at each request."""
+
+    for route in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+        app.add_api_route(f"/sdapi/v1/{route}", _nothing, methods=["GET"], dependencies=guard, tags=["a1111"],
+                          name=route, summary=f"{route}: sdonnx has none")
+
     @app.get("/sdapi/v1/scripts", dependencies=guard, tags=["a1111"])
     async def scripts() -> dict[str, list[str]]:
         return {"txt2img": [], "img2img": []}
@@ -196,6 +241,11 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
                                                       for b64 in images]}
 
     return app
+
+
+async def _nothing() -> list:
+    """A1111 lists that sdonnx has nothing for (external VAEs, hypernetworks, face restorers, styles)."""
+    return []
 
 
 def basic_auth(users: tuple[tuple[str, str], ...]) -> Callable:

@@ -36,6 +36,7 @@ class Catalog:
                  control_dir: Path | None = None, embeddings_dir: Path | None = None):
         self.options, self.lora_dir = options, lora_dir
         self.control_dir, self.embeddings_dir = control_dir, embeddings_dir
+        self.path = path
         self.folders = _model_folders(path)
         self._facts: dict[str, tuple[Path, Manifest]] = {}
         self._lock, self._facts_lock = threading.Lock(), threading.Lock()
@@ -43,6 +44,13 @@ class Catalog:
         self._checkers: dict[str, tuple] = {}  # name -> (tokenizers, Adapters) for checking requests
         for name in self.folders:  # a folder that is no model fails at start, not at its first request
             self.facts(name)
+
+    def refresh(self) -> None:
+        """Look for model folders again (A1111's refresh-checkpoints); the loaded model stays loaded."""
+        folders = _model_folders(self.path)
+        facts = {name: read_facts(folder) for name, folder in folders.items()}  # all read before any is listed
+        with self._facts_lock:
+            self.folders, self._facts = folders, facts
 
     @property
     def default(self) -> str:

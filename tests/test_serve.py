@@ -201,6 +201,18 @@ def test_samplers_schedulers_and_models(api):
     assert "Sampler: DPM++ 2M" in karras.info["infotexts"][0] and "Schedule type: Karras" in karras.info["infotexts"][0]
 
 
+def test_the_lists_a1111_clients_read_at_start(api):
+    assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos"]
+    assert [m["name"] for m in api.get_latent_upscale_modes()] == ["Latent", "Latent (nearest)"]
+    for empty in (api.get_sd_vae, api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models,
+                  api.get_prompt_styles):
+        assert empty() == []
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert api.get_memory()["ram"]["free"] > 0
+    assert api.get_cmd_flags()["api"] is True
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+
+
 def test_lora_tag_and_png_info(api):
     result = api.txt2img(prompt=f"{PROMPT} <lora:lcm:1>", seed=1, steps=4, cfg_scale=1, width=64, height=64,
                          sampler_name="LCM")
@@ -228,6 +240,9 @@ def test_options_switch_among_listed_models_only(tmp_path):
             "prompt": PROMPT, "steps": 2, "override_settings": {"sd_model_checkpoint": "alpha"}})
         assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "alpha"
         assert api.util_get_current_model().startswith("beta")  # an override lasts one request
+        (models / "gamma").symlink_to(EMBEDDED_MODEL, target_is_directory=True)
+        api.refresh_checkpoints()
+        assert [m.split(" [")[0] for m in api.util_get_model_names()] == ["alpha", "beta", "gamma"]
     finally:
         running.stop()
 
