@@ -135,13 +135,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="with --preview: every N steps (default 1)")
     generate.set_defaults(func=_generate)
 
-    preprocess = subparsers.add_parser("preprocess", help="make a control image (canny edges) for --control-image",
+    preprocess = subparsers.add_parser("preprocess", help="make a control image for --control-image",
                                        description=_preprocess.__doc__)
-    preprocess.add_argument("kind", choices=("canny",), help="the preprocessor")
+    preprocess.add_argument("kind", choices=("canny", "onnx"),
+                            help="canny edges (OpenCV), or onnx: a depth/normal/line model given as --model")
     preprocess.add_argument("image", type=Path, metavar="IMAGE", help="the picture to process")
     preprocess.add_argument("output", type=Path, metavar="OUT", help="the control image (PNG) to write")
     preprocess.add_argument("--low", type=int, default=100, help="canny's lower threshold, 0..255 (default 100)")
     preprocess.add_argument("--high", type=int, default=200, help="canny's upper threshold, 0..255 (default 200)")
+    preprocess.add_argument("--model", type=Path, metavar="FILE.onnx", help="onnx: the preprocessor's graph")
+    preprocess.add_argument("--size", type=int, help="onnx: the side to resize to for a dynamic input (default 384)")
+    preprocess.add_argument("--mean", default="0.5", metavar="M[,M,M]", help="onnx: input mean (default 0.5)")
+    preprocess.add_argument("--std", default="0.5", metavar="S[,S,S]", help="onnx: input std (default 0.5)")
+    preprocess.add_argument("--invert", action="store_true", help="onnx: black where the map is largest")
     preprocess.set_defaults(func=_preprocess)
 
     info = subparsers.add_parser("info", help="show a model folder's facts and graphs", description=_info.__doc__)
@@ -311,15 +317,30 @@ def _checked_image(name: str, path: Path | None) -> Path | None:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    """Turn a picture into a control image: canny edges (needs `pip install "sdonnx[control]"`)."""
+    """Turn a picture into a control image: canny edges (needs `pip install "sdonnx[control]"`), or the
+    map an ONNX preprocessor model you supply makes (depth, normals, line art)."""
     from sdonnx.files import output_files, replace_file
-    from sdonnx.runtime.preprocess import canny
+    from sdonnx.runtime.preprocess import canny, onnx_map
 
     (path,) = output_files(args.output, 1)
-    edges = canny(_checked_image("image", args.image), args.low, args.high)
-    replace_file(path, lambda f: edges.save(f, format="PNG"))
+    image = _checked_image("image", args.image)
+    if args.kind == "canny":
+        made = canny(image, args.low, args.high)
+    else:
+        if args.model is None:
+            raise InputError("model", None, "--model FILE.onnx: the preprocessor to run")
+        made = onnx_map(image, args.model, size=args.size, mean=_numbers("mean", args.mean),
+                        std=_numbers("std", args.std), invert=args.invert)
+    replace_file(path, lambda f: made.save(f, format="PNG"))
     print(f"wrote {path}")
     return 0
+
+
+def _numbers(field: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(field, text, "a number, or three joined by commas") from None
 
 
 def _info(args: argparse.Namespace) -> int:
