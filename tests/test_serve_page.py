@@ -51,7 +51,7 @@ def test_generate_from_the_page(browser, tmp_path):
         assert browser.find_element(By.ID, "model").text.startswith("embedded")
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()
-        prompt.send_keys("a yellow star on a black background")
+        prompt.send_keys("a yellow triangle on a black background")
         browser.find_element(By.ID, "steps").send_keys("400")
         browser.find_element(By.ID, "seed").clear()
         browser.find_element(By.ID, "seed").send_keys("42")
