@@ -74,6 +74,8 @@ class ExportConfig:
     recommended_guidance: float | None = None
     # LoRAs merged into the weights before tracing (export/lora.py): ((file, weight), ...).
     loras: tuple[tuple[str, float], ...] = ()
+    # Export the source's safety checker when it has one (runtime/safety.py); False leaves it out.
+    safety_checker: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -143,8 +145,9 @@ def export_model(config: ExportConfig) -> Manifest:
             source.description += f" + LoRAs {baked}"
         facts = _model_facts(source)
         write_pipeline_files(folder, source)
+        safety = _export_safety_checker(source, folder, config, say)
         checks, weights = _export_and_check(source, folder, config, say)
-        manifest = _manifest(folder, facts, checks, weights, config)
+        manifest = _manifest(folder, facts, checks, weights, config, safety)
         manifest.write(folder)
     say.line(f"wrote {config.out}")
     return manifest
@@ -203,6 +206,23 @@ def _export_and_check(
         seconds = time.perf_counter() - started
         say.line(f" max|Δ| {parity.max_abs_diff:.1e} PSNR {parity.psnr_db:.0f} dB ({seconds:.1f} s)")
     return checks, weights
+
+
+def _export_safety_checker(source, folder: Path, config: ExportConfig, say) -> dict | None:
+    """The source's safety checker as safety_checker/model.onnx (first, then released: SD's weighs
+    1.2 GB); its parity, None when there is none or config.safety_checker is off."""
+    from sdonnx.export.safety import export_safety_checker
+
+    checker, source.safety_checker = source.safety_checker, None
+    if checker is None or not config.safety_checker:
+        return None
+    say.part("safety_checker: exporting… checking…")
+    parity = export_safety_checker(checker, source.feature_extractor, folder, opset=config.opset,
+                                   min_psnr=config.min_psnr)
+    say.line(f" max|Δ| {parity['max_abs_diff']:.1e} PSNR {parity['psnr_db']:.0f} dB")
+    del checker
+    gc.collect()
+    return parity
 
 
 def _require_export_extras() -> None:
@@ -297,7 +317,7 @@ def _text_time_facts(source: SourceModel) -> dict:
 
 
 def _manifest(folder: Path, facts: dict, checks: dict[str, dict], weights: dict[str, dict],
-              config: ExportConfig) -> Manifest:
+              config: ExportConfig, safety: dict | None = None) -> Manifest:
     """The manifest of the finished folder: IO read back from the ONNX files, hashes of every file."""
     from sdonnx.export.graphs import io_specs
     from sdonnx.runtime.manifest import COMPONENTS, MANIFEST_NAME, GraphSpec, Manifest, sha256_file
@@ -312,9 +332,15 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], weights: dict[
         for path in staged_files(folder)
         if path.name != MANIFEST_NAME
     }
+    safety_checker = None
+    if safety is not None:
+        from sdonnx.export.safety import GRAPH
+
+        inputs, outputs, _ = io_specs(folder / GRAPH)
+        safety_checker = GraphSpec(GRAPH, inputs, outputs, precision="fp32", check=safety)
     return Manifest(
         graphs=graphs, versions=_versions(config.opset), files=files, unet_attention=config.attention,
-        recommended=config.recommended, **facts,
+        recommended=config.recommended, safety_checker=safety_checker, **facts,
     )
 
 

@@ -65,6 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="record the model card's steps in the manifest, the default for requests naming none")
     parser.add_argument("--recommended-guidance", type=float, metavar="G",
                         help="the same for guidance (SDXL-Turbo: --recommended-steps 4 --recommended-guidance 0)")
+    parser.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
+                        help="leave out the source's safety checker (exported when the source has one)")
     parser.set_defaults(func=run)
 
 

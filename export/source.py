@@ -57,6 +57,9 @@ class SourceModel:
     text_encoder_2: Any = None  # transformers.CLIPTextModelWithProjection (SDXL)
     tokenizer_2: Any = None  # transformers.CLIPTokenizer (SDXL; pads with "!")
     pipeline_config: dict = field(default_factory=dict)
+    # diffusers' StableDiffusionSafetyChecker and its CLIP preprocessing config, when the folder has them.
+    safety_checker: Any = None
+    feature_extractor: dict | None = None
     # Read once from the configs here, so that they outlive the modules (released as their graphs are done).
     text_time: TextTime | None = field(init=False, default=None)
     text_widths: dict = field(init=False, default_factory=dict)
@@ -212,9 +215,20 @@ def load_folder(folder: Path, *, allow_pickle: bool, description: str) -> Source
         scheduler_config = json.loads(scheduler_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"scheduler: cannot read {scheduler_path}: {e}") from e
+    safety_checker, feature_extractor = None, None
+    if _listed(pipeline_config, "safety_checker") and (folder / "safety_checker").is_dir():
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        safety_checker = load(StableDiffusionSafetyChecker, "safety_checker")
+        extractor = folder / "feature_extractor" / "preprocessor_config.json"
+        try:
+            feature_extractor = json.loads(extractor.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ExportError(f"feature_extractor: the safety checker needs {extractor}: {e}") from e
     return SourceModel(
         unet, vae, text_encoder, tokenizer("tokenizer"), scheduler_config, description,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("tokenizer_2"), pipeline_config=pipeline_config,
+        safety_checker=safety_checker, feature_extractor=feature_extractor,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -128,6 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="inpaint only the mask's area at --size, pasted back (A1111's \"Only masked\")")
     generate.add_argument("--only-masked-padding", type=int, metavar="PX",
                           help="with --only-masked: pixels around the mask's box (default 32)")
+    generate.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
+                          help="do not run the model folder's safety checker (on when the folder has one)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     generate.add_argument("--preview", type=Path, metavar="FILE.png",
                           help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
@@ -214,7 +217,12 @@ def _generate(args: argparse.Namespace) -> int:
         raise InputError("refiner_switch", config.refiner_switch, "--refiner too (the model to switch to)")
 
     pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
-                         embeddings_dir=args.embeddings_dir, control_dir=args.control_dir)
+                         embeddings_dir=args.embeddings_dir, control_dir=args.control_dir,
+                         safety_checker=args.safety_checker)
+    if not args.quiet:
+        print("safety checker: " + ("on (--no-safety-checker turns it off)" if pipe.safety else
+                                    "off" if args.safety_checker is False else "none in this model folder"),
+              file=sys.stderr)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
     images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner, callback=preview_writer(args),
@@ -229,7 +237,7 @@ def _generate(args: argparse.Namespace) -> int:
                                        controlnets=image.info.get("controlnets"))
         write_png(image, path, parameters)
         if not args.quiet:
-            print(f"wrote {path}")
+            print(f"wrote {path}" + (" (black: the safety checker flagged it)" if image.info.get("nsfw") else ""))
     return 0
 
 

@@ -29,7 +29,7 @@ TEXT_HIDDEN_STATES = ("final", "penultimate")
 TIME_ID_FIELDS = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-DTYPES = ("float32", "float16", "int64", "int32")
+DTYPES = ("float32", "float16", "int64", "int32", "bool")  # bool: the safety checker's flags
 # Informational label only: the runtime reads facts, never the family.
 _FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2"}
 
@@ -205,6 +205,8 @@ class Manifest:
     vae_force_upcast: bool = False
     # Step previews (previews.py): the least-squares map from a latent pixel to its RGB; None: none fitted.
     latent_rgb: LatentRGB | None = None
+    # diffusers' safety checker (runtime/safety.py), outside `graphs`: no LoRA, recipe or step touches it.
+    safety_checker: GraphSpec | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -283,6 +285,7 @@ class Manifest:
             time_ids=_time_ids(r.get("time_ids", list, optional=True), where),
             force_zeros_for_empty_prompt=r.get("force_zeros_for_empty_prompt", bool, optional=True) or False,
             vae_force_upcast=r.get("vae_force_upcast", bool, optional=True) or False,
+            safety_checker=_graph(r.sub("safety_checker")) if raw.get("safety_checker") is not None else None,
             latent_rgb=None if raw.get("latent_rgb") is None else LatentRGB.from_json(
                 raw["latent_rgb"], r.get("latent_channels", int, positive=True), where),
             format_version=version,

@@ -43,6 +43,7 @@ from sdonnx.runtime.model import ModelFolder
 from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
 from sdonnx.runtime.previews import preview_of
+from sdonnx.runtime.safety import FEATURE_EXTRACTOR, ClipPreprocess, SafetyChecker
 from sdonnx.runtime.prompts import lora_tags, strip_tags
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
@@ -228,8 +229,9 @@ class Pipeline:
 
     def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
                  lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None,
-                 control_dir: Path | str | None = None):
+                 control_dir: Path | str | None = None, safety: SafetyChecker | None = None):
         self.model = model
+        self.safety = safety
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
@@ -256,6 +258,7 @@ class Pipeline:
         lora_dir: Path | str | None = None,
         embeddings_dir: Path | str | None = None,
         control_dir: Path | str | None = None,
+        safety_checker: bool | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -266,6 +269,8 @@ class Pipeline:
         lora_dir: where LoRA names (`loras={"name": 0.8}`, `<lora:name:0.8>`) are looked up.
         embeddings_dir: textual-inversion files, each used where its name is a word of a prompt.
         control_dir: where ControlNet names (`Control(model="canny", ...)`) are looked up.
+        safety_checker: run the folder's safety checker on every image (safety.py); None: when the
+        folder has one. True for a folder without one is an error.
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
@@ -273,9 +278,11 @@ class Pipeline:
         for name, folder in (("lora_dir", lora_dir), ("embeddings_dir", embeddings_dir), ("control_dir", control_dir)):
             if folder is not None and not Path(folder).is_dir():
                 raise InputError(name, str(folder), "an existing folder")
+        if safety_checker is not None:
+            check_bool("safety_checker", safety_checker)
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
         return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   control_dir=control_dir)
+                   control_dir=control_dir, safety=open_safety_checker(model, safety_checker))
 
     @property
     def manifest(self) -> Manifest:
@@ -396,8 +403,16 @@ class Pipeline:
         when unset) on, from this model's latents, with its own conditioning, and decodes with its VAE.
         previews: call `callback(step, sigma, latents, preview)`, where `preview()` returns the batch's
         images of the step's x0 estimate (previews.py; computed only when called).
-        Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint).
+        Each image's `info` holds its seed, its batch index and the strength used (img2img, inpaint);
+        with a safety checker (Pipeline.load's safety_checker), `nsfw`, and flagged images are black.
         """
+        images = self._generate(config, image, mask, latents, callback, refiner, previews)
+        return self.safety.apply(images) if self.safety is not None else images
+
+    def _generate(self, config: GenerationConfig, image: ImageInput | None, mask: ImageInput | None,
+                  latents: np.ndarray | None, callback: StepCallback | None, refiner: Pipeline | None,
+                  previews: bool) -> list[Image.Image]:
+        """generate's images, before the safety checker."""
         if config.only_masked:
             return self._only_masked(config, image, mask, latents, callback, refiner, previews)
         request = self.check(self._with_refiner(config, refiner), image=image, mask=mask)
@@ -438,8 +453,8 @@ class Pipeline:
         height, width = config.height or height, config.width or width
         region = crop_region(drawn, padding=config.only_masked_padding, aspect=(width, height))
         part, part_mask = cut(picture, drawn, region, width, height)
-        made = self.generate(replace(config, only_masked=False, height=height, width=width), image=part,
-                             mask=part_mask, latents=latents, callback=callback, refiner=refiner, previews=previews)
+        made = self._generate(replace(config, only_masked=False, height=height, width=width), part, part_mask,
+                              latents, callback, refiner, previews)
         pasted = []
         for image in made:
             whole = paste(picture, image, drawn, region)
@@ -618,6 +633,21 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def open_safety_checker(model: ModelFolder, wanted: bool | None) -> SafetyChecker | None:
+    """The folder's safety checker when `wanted` (None: when it has one); InputError for True without one."""
+    spec = model.manifest.safety_checker
+    if wanted is False or (wanted is None and spec is None):
+        return None
+    if spec is None:
+        raise InputError("safety_checker", True, f"a model folder with a safety checker ({model.root} has none; "
+                         "`sdonnx export` writes one when the source folder has it)")
+    options = model.options
+    preprocess = ClipPreprocess.read(model.root / FEATURE_EXTRACTOR)
+    return SafetyChecker(lambda: graph_cache.open_session(model.root / spec.path, session_providers(options), options,
+                                                          name="safety_checker"),
+                         preprocess, keep=not options.memory.release_sessions)
 
 
 def check_before_load(

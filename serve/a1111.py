@@ -254,6 +254,7 @@ def response(body: BaseModel, work: Work, result: Result) -> dict[str, Any]:
         "infotexts": list(result.infotexts), "styles": [], "job_timestamp": result.timestamp,
         "clip_skip": config.clip_skip,
         "is_using_inpainting_conditioning": False, "interrupted": result.interrupted,
+        "nsfw": [bool(image.info.get("nsfw", False)) for image in result.images],  # the safety checker's flags
         "version": f"sdonnx {__version__}",
     }
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
