@@ -125,6 +125,10 @@ def export_model(config: ExportConfig) -> Manifest:
 
     if controlnet.is_controlnet(config.source):
         return controlnet.export_controlnet(config)
+    from sdonnx.export.vae import export_vae, vae_class
+
+    if vae_class(config.source):
+        return export_vae(config)
 
     loras = lora.check_files(config.loras)  # missing files and bad weights fail before anything loads
     if config.dtype != "fp32":

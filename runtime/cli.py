@@ -32,6 +32,7 @@ from sdonnx.runtime.request import check_request
 from sdonnx.runtime.sampling import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
 from sdonnx.runtime.starts import IMG2IMG_STRENGTH, INPAINT_STRENGTH
+from sdonnx.runtime.vae import load_vae
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
 
@@ -129,6 +130,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="inpaint only the mask's area at --size, pasted back (A1111's \"Only masked\")")
     generate.add_argument("--only-masked-padding", type=int, metavar="PX",
                           help="with --only-masked: pixels around the mask's box (default 32)")
+    generate.add_argument("--vae", type=Path, metavar="FOLDER",
+                          help="decode (and encode) with this exported VAE instead of the model's (TAESD: fast)")
     generate.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
                           help="do not run the model folder's safety checker (on when the folder has one)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -205,6 +208,8 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(name, str(getattr(args, name)), "an existing folder")
     config = check_before_load(root, facts, options.memory, config, init_image, mask, lora_dir=args.lora_dir,
                                control_dir=args.control_dir).config
+    if args.vae is not None:
+        load_vae(args.vae, facts, lambda graph, name: None)  # its manifest against the model's latent space
     if args.refiner is not None:
         check_hires_mix(None, refiner=True, config=config)
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
@@ -218,7 +223,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
                          embeddings_dir=args.embeddings_dir, control_dir=args.control_dir,
-                         safety_checker=args.safety_checker)
+                         safety_checker=args.safety_checker, vae=args.vae)
     if not args.quiet:
         print("safety checker: " + ("on (--no-safety-checker turns it off)" if pipe.safety else
                                     "off" if args.safety_checker is False else "none in this model folder"),
@@ -234,7 +239,7 @@ def _generate(args: argparse.Namespace) -> int:
         parameters = format_parameters(config, seed=image.info["seed"], size=size, model=pipe.model,
                                        refiner=refiner.model if refiner is not None else None,
                                        lora_hashes=image.info.get("lora_hashes"),
-                                       controlnets=image.info.get("controlnets"))
+                                       controlnets=image.info.get("controlnets"), vae=image.info.get("vae"))
         write_png(image, path, parameters)
         if not args.quiet:
             print(f"wrote {path}" + (" (black: the safety checker flagged it)" if image.info.get("nsfw") else ""))

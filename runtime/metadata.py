@@ -72,11 +72,12 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
 def format_parameters(
     config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None,
     refiner: ModelFolder | None = None, lora_hashes: Mapping[str, str] | None = None,
-    controlnets: list[tuple[str, str]] | None = None,
+    controlnets: list[tuple[str, str]] | None = None, vae: tuple[str, str] | None = None,
 ) -> str:
     """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
     lora_hashes: {name: short hash} of the LoRAs applied (the image's info["lora_hashes"]), written as
     A1111's `Lora hashes: "name: hash, ..."`; the prompt keeps its <lora:...> tags.
+    vae: (name, short hash) of the VAE used instead of the folder's (the image's info["vae"]).
     controlnets: (name, short hash) of each of config.control (the image's info["controlnets"]),
     written as A1111's ControlNet extension does (`ControlNet 0: "Module: none, Model: ..."`).
 
@@ -93,6 +94,8 @@ def format_parameters(
     }
     if model is not None:
         fields |= {"Model hash": model_hash(model), "Model": model.root.name}
+    if vae is not None:  # a VAE of its own (the image's info["vae"]), as A1111 writes it
+        fields |= {"VAE hash": vae[1], "VAE": vae[0]}
     hires = config.hires_scale is not None
     strength = config.hires_strength if hires else config.strength  # A1111 writes the hires pass's here
     fields |= {

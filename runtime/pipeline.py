@@ -19,9 +19,10 @@ the images of the step's x0 estimate (previews.py), computed only if the callbac
 from __future__ import annotations
 
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,10 @@ from sdonnx.runtime.noise import KINDS as RNGS
 from sdonnx.runtime.noise import NoiseSource, noise_source
 from sdonnx.runtime.previews import preview_of
 from sdonnx.runtime.safety import FEATURE_EXTRACTOR, ClipPreprocess, SafetyChecker
+from sdonnx.runtime.session import Session
+from sdonnx.runtime.vae import DECODER as VAE_DECODER
+from sdonnx.runtime.vae import ENCODER as VAE_ENCODER
+from sdonnx.runtime.vae import Vae, VaeManifest, load_vae
 from sdonnx.runtime.prompts import lora_tags, strip_tags
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
 from sdonnx.runtime.request import Request, check_request, check_size, check_strength
@@ -229,9 +234,11 @@ class Pipeline:
 
     def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
                  lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None,
-                 control_dir: Path | str | None = None, safety: SafetyChecker | None = None):
+                 control_dir: Path | str | None = None, safety: SafetyChecker | None = None, vae: Vae | None = None):
         self.model = model
         self.safety = safety
+        self.vae = vae  # a VAE of its own (vae.py), instead of the folder's
+        self._vae_sessions: dict[str, Session] = {}
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
@@ -259,6 +266,7 @@ class Pipeline:
         embeddings_dir: Path | str | None = None,
         control_dir: Path | str | None = None,
         safety_checker: bool | None = None,
+        vae: Path | str | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -271,6 +279,8 @@ class Pipeline:
         control_dir: where ControlNet names (`Control(model="canny", ...)`) are looked up.
         safety_checker: run the folder's safety checker on every image (safety.py); None: when the
         folder has one. True for a folder without one is an error.
+        vae: an exported VAE folder (vae.py: a standalone AutoencoderKL, or TAESD) to decode and encode
+        with instead of the folder's own.
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
@@ -281,8 +291,11 @@ class Pipeline:
         if safety_checker is not None:
             check_bool("safety_checker", safety_checker)
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
+        chosen_vae = None
+        if vae is not None:
+            chosen_vae = load_vae(vae, model.manifest, lambda graph, name: _open_verified(graph, name, options))
         return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   control_dir=control_dir, safety=open_safety_checker(model, safety_checker))
+                   control_dir=control_dir, safety=open_safety_checker(model, safety_checker), vae=chosen_vae)
 
     @property
     def manifest(self) -> Manifest:
@@ -435,6 +448,9 @@ class Pipeline:
                 image.info["controlnets"] = nets
             if request.image is not None:
                 image.info["strength"] = config.strength
+            if self.vae is not None:
+                image.info["vae"] = (self.vae.name, self.vae.manifest.files.get(
+                    self.vae.manifest.graphs[VAE_DECODER].path, "")[:10])
             if request.hires is not None:  # the Size PNG parameters record (A1111's: the first pass's)
                 image.info["generation_size"] = (request.width, request.height)
         return images
@@ -498,10 +514,27 @@ class Pipeline:
             latent = self._hires(request, config, seed, latent, watch)
         return self._decode(latent)
 
-    def _decode(self, latent: np.ndarray) -> list[Image.Image]:
-        """latent [B, C, h, w] -> B images, tiled as the memory policy says."""
+    def _decode(self, latent: np.ndarray, *, tile: bool = True) -> list[Image.Image]:
+        """latent [B, C, h, w] -> B images, tiled as the memory policy says (tile=False: whole)."""
+        size = self.model.options.memory.decode_tile if tile else None
+        if self.vae is not None:
+            with self._vae_session(VAE_DECODER) as vae_decoder:
+                return decode(vae_decoder, latent, self.vae.facts, tile=size)
         with self.model.sessions.use("vae_decoder") as vae_decoder:
-            return decode(vae_decoder, latent, self.manifest, tile=self.model.options.memory.decode_tile)
+            return decode(vae_decoder, latent, self.manifest, tile=size)
+
+    @contextmanager
+    def _vae_session(self, name: str) -> Iterator[Session]:
+        """The chosen VAE's graph `name`, held as the memory policy says."""
+        session = self._vae_sessions.get(name) or self.vae.open(name)
+        try:
+            yield session
+        finally:
+            if self.model.options.memory.release_sessions:
+                self._vae_sessions.pop(name, None)
+                session.close()
+            else:
+                self._vae_sessions[name] = session
 
     def _hires(self, request: Request, config: GenerationConfig, seed: int, latent: np.ndarray,
                watch: Watch | None) -> np.ndarray:
@@ -552,11 +585,7 @@ class Pipeline:
         as the sampler holds them): the manifest's latent_rgb map, else the VAE decoder (slow)."""
         m = self.manifest
 
-        def decode_now(latents: np.ndarray) -> list[Image.Image]:
-            with self.model.sessions.use("vae_decoder") as vae_decoder:
-                return decode(vae_decoder, latents, m)
-
-        return preview_of(m.latent_rgb, decode_now, denoised, m.vae_downsample)
+        return preview_of(m.latent_rgb, lambda latents: self._decode(latents, tile=False), denoised, m.vae_downsample)
 
     def _with_refiner(self, config: GenerationConfig, refiner: Pipeline | None) -> GenerationConfig:
         """`config` with its refiner switch (0.8 when unset) checked against the refiner, if any."""
@@ -581,7 +610,11 @@ class Pipeline:
             raise InputError("refiner", str(refiner.model.root), "a model trained with this one's noise schedule")
 
     def _encode(self, pixels: np.ndarray, rng: NoiseSource, batch: int) -> np.ndarray:
-        """pixels [1, 3, H, W] -> latents [batch, C, H/f, W/f], one encoder sample per image."""
+        """pixels [1, 3, H, W] -> latents [batch, C, H/f, W/f], one encoder sample per image (the chosen
+        VAE's encoder when it has one, else the folder's: both write the same latent space)."""
+        if self.vae is not None and self.vae.has_encoder:
+            with self._vae_session(VAE_ENCODER) as vae_encoder:
+                return encode(vae_encoder, pixels, self.vae.facts, rng, batch)
         if "vae_encoder" not in self.model.sessions:
             raise ModelError(
                 f"{self.model.root}: no vae_encoder graph, which img2img and inpainting need "
@@ -633,6 +666,15 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def _open_verified(graph: Path, name: str, options: RuntimeOptions) -> Session:
+    """A graph of a folder beside the model (a VAE's), its files checked against its manifest first."""
+    from sdonnx.runtime.integrity import verify_folder
+
+    folder = Path(graph).parent.parent
+    verify_folder(folder, VaeManifest.read(folder), verify=options.verify_integrity)
+    return graph_cache.open_session(graph, session_providers(options), options, name=name)
 
 
 def open_safety_checker(model: ModelFolder, wanted: bool | None) -> SafetyChecker | None:
