@@ -151,6 +151,7 @@ class Work:
     label: str
     image: Image.Image | None = None
     mask: Image.Image | None = None
+    vae: str | None = None  # a served VAE's name (A1111's sd_vae), None: the model's own
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ class Result:
 
 
 def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip: int = 1,
-              limits: Limits = Limits()) -> Work:
+              limits: Limits = Limits(), vae: str | None = None) -> Work:
     """`body` -> Work, checked against the server's limits and the model (InputError naming A1111's
     field) without loading it. current: the model /options selected; override_settings'
     sd_model_checkpoint may name another."""
@@ -177,6 +178,7 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
     overrides = dict(body.override_settings or {})
     model = catalog.name_of(overrides.pop("sd_model_checkpoint", current), "override_settings.sd_model_checkpoint")
     clip_skip = overrides.pop("CLIP_stop_at_last_layers", clip_skip)
+    vae = catalog.vae_of(overrides.pop("sd_vae", vae), model, "override_settings.sd_vae")
     check_iterations(body.n_iter)
     image, mask = read_images(body) if img2img else (None, None)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index, body.scheduler)
@@ -201,13 +203,13 @@ def translate(body: Txt2ImgRequest, catalog: Catalog, current: str, *, clip_skip
     if request.hires is not None and max(request.hires) > limits.max_side:
         raise InputError("hr_scale", body.hr_scale, f"an upscaled size of at most {limits.max_side} on this server "
                          f"(--max-side); {request.hires[1]}x{request.hires[0]} asked")
-    return Work(model, request.config, body.n_iter, "img2img" if img2img else "txt2img", image, mask)
+    return Work(model, request.config, body.n_iter, "img2img" if img2img else "txt2img", image, mask, vae)
 
 
 def run(work: Work, worker, catalog: Catalog) -> Result:
     """Run `work` on the worker thread: n_iter generations of its batch; interrupt keeps what is done."""
     timestamp = time.strftime("%Y%m%d%H%M%S")
-    pipe = catalog.pipeline(work.model)
+    pipe = catalog.pipeline(work.model, work.vae)
     worker.begin(work.n_iter, work.config.steps)
     images, infotexts = [], []
     for i in range(work.n_iter):
@@ -225,7 +227,8 @@ def run(work: Work, worker, catalog: Catalog) -> Result:
             infotexts.append(format_parameters(config, seed=image.info["seed"], model=pipe.model,
                                                size=image.info.get("generation_size", image.size),
                                                lora_hashes=image.info.get("lora_hashes"),
-                                               controlnets=image.info.get("controlnets")))
+                                               controlnets=image.info.get("controlnets"),
+                                               vae=image.info.get("vae")))
     return Result(tuple(images), tuple(infotexts), catalog.title(work.model), worker.interrupted, timestamp)
 
 
@@ -248,7 +251,7 @@ def response(body: BaseModel, work: Work, result: Result) -> dict[str, Any]:
         "sampler_name": SAMPLERS[config.sampler].a1111_name, "scheduler": _scheduler_name(config.schedule),
         "cfg_scale": config.guidance, "steps": config.steps, "batch_size": config.batch, "n_iter": work.n_iter,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": work.model,
-        "sd_model_hash": result.model_title.rpartition("[")[2].rstrip("]") or None, "sd_vae_name": None,
+        "sd_model_hash": result.model_title.rpartition("[")[2].rstrip("]") or None, "sd_vae_name": work.vae,
         "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": config.strength, "extra_generation_params": {}, "index_of_first_image": 0,
         "infotexts": list(result.infotexts), "styles": [], "job_timestamp": result.timestamp,

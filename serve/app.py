@@ -43,13 +43,16 @@ class Server:
     def __init__(self, config: ServeConfig, catalog: Catalog | None = None):
         self.config = config
         self.catalog = catalog or Catalog(config.model, config.options, lora_dir=config.lora_dir,
-                                          control_dir=config.control_dir, embeddings_dir=config.embeddings_dir)
+                                          control_dir=config.control_dir, embeddings_dir=config.embeddings_dir,
+                                          vae_dir=config.vae_dir)
         self.worker = Worker(config.max_queue)
         self.model = self.catalog.default
         self.clip_skip = 1
+        self.vae: str | None = None  # A1111's sd_vae option: a served VAE's name, None for "Automatic"
 
     def translate(self, body: Txt2ImgRequest) -> a1111.Work:
-        return a1111.translate(body, self.catalog, self.model, clip_skip=self.clip_skip, limits=self.config.limits)
+        return a1111.translate(body, self.catalog, self.model, clip_skip=self.clip_skip, limits=self.config.limits,
+                               vae=self.vae)
 
     async def run(self, request: Request, work: Callable[[], a1111.Work]) -> tuple[a1111.Work, a1111.Result]:
         """Check the request (threadpool), queue it, wait for it; cancel it if the client leaves.
@@ -73,7 +76,7 @@ class Server:
 
     def options(self) -> dict[str, Any]:
         return {"sd_model_checkpoint": self.catalog.title(self.model), "sd_checkpoint_hash": None,
-                "CLIP_stop_at_last_layers": self.clip_skip, "samples_format": "png"}
+                "sd_vae": self.vae or "Automatic", "CLIP_stop_at_last_layers": self.clip_skip, "samples_format": "png"}
 
 
 def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: bool = True) -> FastAPI:
@@ -203,7 +206,12 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
     async def refresh_loras() -> None:
         """Nothing to do: the LoRA folder is read at each request."""
 
-    for route in ("sd-vae", "hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
+    @app.get("/sdapi/v1/sd-vae", dependencies=guard, tags=["a1111"])
+    async def sd_vae() -> list[dict[str, str]]:
+        """The exported VAE folders of --vae-dir, by name (override_settings / options sd_vae)."""
+        return [{"model_name": name, "filename": name} for name in server.catalog.vaes()]
+
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "prompt-styles"):
         app.add_api_route(f"/sdapi/v1/{route}", _nothing, methods=["GET"], dependencies=guard, tags=["a1111"],
                           name=route, summary=f"{route}: sdonnx has none")
 
@@ -221,10 +229,13 @@ def create_app(config: ServeConfig, *, catalog: Catalog | None = None, preload: 
         other A1111 options are accepted and ignored."""
         clip_skip = body.get("CLIP_stop_at_last_layers", server.clip_skip)
         check_int("CLIP_stop_at_last_layers", clip_skip, 1, 12)
+        name = server.model
         if "sd_model_checkpoint" in body:
             name = server.catalog.name_of(body["sd_model_checkpoint"], "sd_model_checkpoint")
-            await server.wait(None, server.worker.submit(lambda w: server.catalog.pipeline(name), "load"))
-            server.model = name
+        vae = server.catalog.vae_of(body.get("sd_vae", server.vae), name, "sd_vae")
+        if (name, vae) != (server.model, server.vae):
+            await server.wait(None, server.worker.submit(lambda w: server.catalog.pipeline(name, vae), "load"))
+            server.model, server.vae = name, vae
         server.clip_skip = clip_skip
 
     @app.post("/sdapi/v1/png-info", dependencies=guard, tags=["a1111"])

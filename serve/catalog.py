@@ -10,6 +10,7 @@ Facts (`read_facts`) are read without loading graphs, for checking requests on t
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, check_before_load
 from sdonnx.runtime.request import Request
 from sdonnx.runtime.tokenizer import ClipTokenizer
+from sdonnx.runtime.vae import KIND as VAE_KIND
+from sdonnx.runtime.vae import load_vae
 from sdonnx.runtime.providers import RuntimeOptions
 
 MODEL_MARKERS = (MANIFEST_NAME, "model_index.json")  # sdonnx's and optimum's exports
@@ -33,14 +36,14 @@ class Catalog:
     """Model names -> folders; the loaded Pipeline (one at a time); the LoRA and ControlNet folders."""
 
     def __init__(self, path: Path | str | None, options: RuntimeOptions, *, lora_dir: Path | None = None,
-                 control_dir: Path | None = None, embeddings_dir: Path | None = None):
+                 control_dir: Path | None = None, embeddings_dir: Path | None = None, vae_dir: Path | None = None):
         self.options, self.lora_dir = options, lora_dir
-        self.control_dir, self.embeddings_dir = control_dir, embeddings_dir
+        self.control_dir, self.embeddings_dir, self.vae_dir = control_dir, embeddings_dir, vae_dir
         self.path = path
         self.folders = _model_folders(path)
         self._facts: dict[str, tuple[Path, Manifest]] = {}
         self._lock, self._facts_lock = threading.Lock(), threading.Lock()
-        self._loaded: tuple[str, Pipeline] | None = None
+        self._loaded: tuple[tuple[str, str | None], Pipeline] | None = None  # ((model, vae), pipeline)
         self._checkers: dict[str, tuple] = {}  # name -> (tokenizers, Adapters) for checking requests
         for name in self.folders:  # a folder that is no model fails at start, not at its first request
             self.facts(name)
@@ -100,14 +103,43 @@ class Catalog:
                 found |= {p.name: p for p in sorted(Path(place).iterdir()) if (p / MANIFEST_NAME).is_file()}
         return found
 
-    def pipeline(self, name: str) -> Pipeline:
-        """The loaded pipeline of model `name`, loading it (and releasing the other) if needed."""
-        if self._loaded is None or self._loaded[0] != name:
+    def vaes(self) -> dict[str, Path]:
+        """VAE name -> exported VAE folder (runtime/vae.py) in the VAE folder, for A1111's sd_vae."""
+        if self.vae_dir is None or not Path(self.vae_dir).is_dir():
+            return {}
+        return {p.name: p for p in sorted(Path(self.vae_dir).iterdir())
+                if (p / MANIFEST_NAME).is_file() and _kind(p) == VAE_KIND}
+
+    def vae_of(self, given: object, model: str, field: str) -> str | None:
+        """A1111's sd_vae value as a listed VAE's name (None: the model's own), checked against the model."""
+        if given in (None, "Automatic", "None", ""):
+            return None
+        found = self.vaes()
+        if given not in found:
+            raise InputError(field, given, f'"Automatic", or one of the served VAEs {sorted(found)} '
+                             "(GET /sdapi/v1/sd-vae)")
+        try:
+            load_vae(found[given], self.facts(model)[1], lambda graph, name: None)  # its latent space fits the model
+        except InputError as e:
+            raise InputError(field, given, e.expected) from None
+        return str(given)
+
+    def pipeline(self, name: str, vae: str | None = None) -> Pipeline:
+        """The loaded pipeline of model `name` (with VAE `vae`), loading it (and releasing the other) if needed."""
+        if self._loaded is None or self._loaded[0] != (name, vae):
             self._loaded = None  # release the old model's sessions before loading the next
             pipe = Pipeline.load(self.folders[name], self.options, progress=False, lora_dir=self.lora_dir,
-                                 embeddings_dir=self.embeddings_dir, control_dir=self.control_dir)
-            self._loaded = (name, pipe)
+                                 embeddings_dir=self.embeddings_dir, control_dir=self.control_dir,
+                                 vae=None if vae is None else self.vaes()[vae])
+            self._loaded = ((name, vae), pipe)
         return self._loaded[1]
+
+
+def _kind(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_folder_tokenizers(root: Path, facts: Manifest) -> dict[str, ClipTokenizer]:

@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=float, default=32, help="largest request body in MiB (default 32)")
     serve.add_argument("--lora-dir", type=Path, metavar="DIR", help="LoRAs that prompts may name (<lora:NAME:W>)")
     serve.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion files")
+    serve.add_argument("--vae-dir", type=Path, metavar="DIR",
+                       help="exported VAE folders (sdonnx export VAE OUT) that requests may choose as sd_vae")
     serve.add_argument("--control-dir", type=Path, metavar="DIR",
                        help="ControlNet folders that requests may name (besides the model's own controlnets/)")
     serve.add_argument("--ray", action="store_true",
@@ -60,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
         model=args.model, host=args.host, port=args.port, max_queue=args.max_queue,
         api_auth=parse_auth(args.api_auth) if args.api_auth else (), insecure_no_auth=args.insecure_no_auth,
         max_body_bytes=int(args.max_body_mb * 2**20), lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
-        control_dir=args.control_dir,
+        control_dir=args.control_dir, vae_dir=args.vae_dir,
         options=config_from_args(RuntimeOptions, args), limits=config_from_args(Limits, args),
     )
     if args.ray:

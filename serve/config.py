@@ -46,6 +46,7 @@ class ServeConfig:
     lora_dir: Path | None = None
     control_dir: Path | None = None
     embeddings_dir: Path | None = None
+    vae_dir: Path | None = None  # exported VAE folders (runtime/vae.py) requests may name as sd_vae
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     limits: Limits = field(default_factory=Limits)
 
@@ -53,7 +54,7 @@ class ServeConfig:
         check_int("port", self.port, 0, 65535)
         check_int("max_queue", self.max_queue, 0, 10_000)
         check_int("max_body_bytes", self.max_body_bytes, 1024)
-        for name in ("lora_dir", "control_dir", "embeddings_dir"):
+        for name in ("lora_dir", "control_dir", "embeddings_dir", "vae_dir"):
             folder = getattr(self, name)
             if folder is not None and not Path(folder).is_dir():
                 raise InputError(name, str(folder), "an existing folder")

@@ -108,3 +108,49 @@ def test_cli_vae_is_checked_first_and_recorded(taesd, tiny_exports, tmp_path, ca
     assert f"VAE: {folder.name}" in read_parameters(out)
     assert main(["generate", PROMPT, "--vae", str(tmp_path), "-o", str(out)]) == 2
     assert "--vae" in capsys.readouterr().err
+
+
+def test_the_server_serves_vaes_by_name(taesd, tmp_path):
+    pytest.importorskip("uvicorn")
+    webuiapi = pytest.importorskip("webuiapi")
+    import shutil
+
+    import requests
+
+    from sdonnx.serve.config import ServeConfig
+    from test_serve import Running, free_port
+
+    _, folder, _ = taesd
+    vaes = tmp_path / "vaes"
+    shutil.copytree(folder, vaes / "taesd")
+    three = tiny_taesd(latent_channels=3)
+    three.save_pretrained(tmp_path / "three", safe_serialization=True)
+    export_model(ExportConfig(source=str(tmp_path / "three"), out=vaes / "three", quiet=True))
+    running = Running(ServeConfig(port=free_port(), vae_dir=vaes))
+    try:
+        api = webuiapi.WebUIApi(baseurl=running.url + "/sdapi/v1")
+        assert [v["model_name"] for v in api.get_sd_vae()] == ["taesd", "three"]
+        body = {"prompt": PROMPT, "seed": 4, "steps": 4, "sampler_name": "Euler", "cfg_scale": 2}
+        r = requests.post(running.url + "/sdapi/v1/txt2img", timeout=60,
+                          json={**body, "override_settings": {"sd_vae": "taesd"}})
+        assert r.status_code == 200, r.text
+        import base64
+        import io
+
+        got = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB")
+        want = Pipeline.load(progress=False, vae=vaes / "taesd")(PROMPT, seed=4, steps=4, sampler="euler",
+                                                                 guidance=2.0)[0]
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+        assert "VAE: taesd" in r.json()["info"]
+        for bad, expected in (("nope", "served VAEs"), ("three", "latent_channels")):
+            r = requests.post(running.url + "/sdapi/v1/txt2img", timeout=60,
+                              json={**body, "override_settings": {"sd_vae": bad}})
+            assert r.status_code == 422 and expected in r.text
+            assert r.json()["detail"][0]["loc"] == ["body", "override_settings", "sd_vae"]
+        api.set_options({"sd_vae": "taesd"})
+        assert api.get_options()["sd_vae"] == "taesd"
+        r = requests.post(running.url + "/sdapi/v1/txt2img", json=body, timeout=60)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert(
+            "RGB")), np.asarray(want))
+    finally:
+        running.stop()
