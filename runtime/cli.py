@@ -139,6 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
     generate.add_argument("--preview-every", type=int, default=1, metavar="N",
                           help="with --preview: every N steps (default 1)")
+    generate.add_argument("--preview-vae", type=Path, metavar="FOLDER",
+                          help="with --preview: decode the previews with this exported VAE (a TAESD: fast)")
     generate.set_defaults(func=_generate)
 
     preprocess = subparsers.add_parser("preprocess", help="make a control image for --control-image",
@@ -208,8 +210,12 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(name, str(getattr(args, name)), "an existing folder")
     config = check_before_load(root, facts, options.memory, config, init_image, mask, lora_dir=args.lora_dir,
                                control_dir=args.control_dir).config
-    if args.vae is not None:
-        load_vae(args.vae, facts, lambda graph, name: None)  # its manifest against the model's latent space
+    for name in ("vae", "preview_vae"):  # their manifests against the model's latent space
+        if getattr(args, name) is not None:
+            try:
+                load_vae(getattr(args, name), facts, lambda graph, component: None)
+            except InputError as e:
+                raise InputError(name, e.received, e.expected) from None
     if args.refiner is not None:
         check_hires_mix(None, refiner=True, config=config)
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
@@ -223,7 +229,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
                          embeddings_dir=args.embeddings_dir, control_dir=args.control_dir,
-                         safety_checker=args.safety_checker, vae=args.vae)
+                         safety_checker=args.safety_checker, vae=args.vae, preview_vae=args.preview_vae)
     if not args.quiet:
         print("safety checker: " + ("on (--no-safety-checker turns it off)" if pipe.safety else
                                     "off" if args.safety_checker is False else "none in this model folder"),

@@ -234,11 +234,13 @@ class Pipeline:
 
     def __init__(self, model: ModelFolder, tokenizers: Mapping[str, ClipTokenizer], *, progress: bool = True,
                  lora_dir: Path | str | None = None, embeddings_dir: Path | str | None = None,
-                 control_dir: Path | str | None = None, safety: SafetyChecker | None = None, vae: Vae | None = None):
+                 control_dir: Path | str | None = None, safety: SafetyChecker | None = None, vae: Vae | None = None,
+                 preview_vae: Vae | None = None):
         self.model = model
         self.safety = safety
         self.vae = vae  # a VAE of its own (vae.py), instead of the folder's
-        self._vae_sessions: dict[str, Session] = {}
+        self.preview_vae = preview_vae  # a VAE for step previews only (TAESD), vae.py
+        self._vae_sessions: dict[tuple[Path, str], Session] = {}
         self.tokenizers = tokenizers  # by text encoder
         self.progress = progress
         self.lora_dir = None if lora_dir is None else Path(lora_dir)
@@ -267,6 +269,7 @@ class Pipeline:
         control_dir: Path | str | None = None,
         safety_checker: bool | None = None,
         vae: Path | str | None = None,
+        preview_vae: Path | str | None = None,
         **option_fields,
     ) -> Pipeline:
         """Open the text encoder, U-Net and VAE decoder of `path`, and its VAE encoder if it has one.
@@ -280,7 +283,7 @@ class Pipeline:
         safety_checker: run the folder's safety checker on every image (safety.py); None: when the
         folder has one. True for a folder without one is an error.
         vae: an exported VAE folder (vae.py: a standalone AutoencoderKL, or TAESD) to decode and encode
-        with instead of the folder's own.
+        with instead of the folder's own. preview_vae: one for step previews only (a TAESD: fast).
         """
         if options is not None and option_fields:
             raise InputError("options", sorted(option_fields), "either options=RuntimeOptions(...) or its fields, not both")
@@ -291,11 +294,17 @@ class Pipeline:
         if safety_checker is not None:
             check_bool("safety_checker", safety_checker)
         model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
-        chosen_vae = None
-        if vae is not None:
-            chosen_vae = load_vae(vae, model.manifest, lambda graph, name: _open_verified(graph, name, options))
+        def chosen(folder: Path | str | None, field: str) -> Vae | None:
+            if folder is None:
+                return None
+            try:
+                return load_vae(folder, model.manifest, lambda graph, name: _open_verified(graph, name, options))
+            except InputError as e:
+                raise InputError(field, e.received, e.expected) from None
+
         return cls(model, load_tokenizers(model), progress=progress, lora_dir=lora_dir, embeddings_dir=embeddings_dir,
-                   control_dir=control_dir, safety=open_safety_checker(model, safety_checker), vae=chosen_vae)
+                   control_dir=control_dir, safety=open_safety_checker(model, safety_checker), vae=chosen(vae, "vae"),
+                   preview_vae=chosen(preview_vae, "preview_vae"))
 
     @property
     def manifest(self) -> Manifest:
@@ -524,17 +533,19 @@ class Pipeline:
             return decode(vae_decoder, latent, self.manifest, tile=size)
 
     @contextmanager
-    def _vae_session(self, name: str) -> Iterator[Session]:
-        """The chosen VAE's graph `name`, held as the memory policy says."""
-        session = self._vae_sessions.get(name) or self.vae.open(name)
+    def _vae_session(self, name: str, vae: Vae | None = None) -> Iterator[Session]:
+        """Graph `name` of `vae` (default: the chosen VAE), held as the memory policy says."""
+        vae = vae or self.vae
+        key = (vae.folder, name)
+        session = self._vae_sessions.get(key) or vae.open(name)
         try:
             yield session
         finally:
             if self.model.options.memory.release_sessions:
-                self._vae_sessions.pop(name, None)
+                self._vae_sessions.pop(key, None)
                 session.close()
             else:
-                self._vae_sessions[name] = session
+                self._vae_sessions[key] = session
 
     def _hires(self, request: Request, config: GenerationConfig, seed: int, latent: np.ndarray,
                watch: Watch | None) -> np.ndarray:
@@ -582,9 +593,15 @@ class Pipeline:
 
     def preview(self, denoised: np.ndarray) -> Callable[[], list[Image.Image]]:
         """A zero-argument function giving the images of x0 estimates `denoised` [B, C, h, w] (k-space,
-        as the sampler holds them): the manifest's latent_rgb map, else the VAE decoder (slow)."""
+        as the sampler holds them): through Pipeline.load's preview_vae (TAESD) when given, else the
+        manifest's latent_rgb map, else the VAE decoder (slow)."""
         m = self.manifest
+        if self.preview_vae is not None:  # asked for: it wins over the fitted map
+            def decode_preview(latents: np.ndarray) -> list[Image.Image]:
+                with self._vae_session(VAE_DECODER, self.preview_vae) as vae_decoder:
+                    return decode(vae_decoder, latents, self.preview_vae.facts)
 
+            return preview_of(None, decode_preview, denoised, m.vae_downsample)
         return preview_of(m.latent_rgb, lambda latents: self._decode(latents, tile=False), denoised, m.vae_downsample)
 
     def _with_refiner(self, config: GenerationConfig, refiner: Pipeline | None) -> GenerationConfig:
@@ -718,7 +735,8 @@ def check_hires_mix(request: Request | None, *, refiner: bool = False, config: G
     if refiner:
         raise InputError("hires_scale", config.hires_scale, "no refiner (the hires fix and a refiner do not mix yet)")
     if config.control:
-        raise InputError("hires_scale", config.hires_scale, "no ControlNet (the hires fix and ControlNet do not mix yet)")
+        raise InputError("hires_scale", config.hires_scale,
+                         "no ControlNet (the hires fix and ControlNet do not mix yet)")
 
 
 def control_hints(controls: tuple[ControlRequest, ...], graphs, batch: int

@@ -154,3 +154,19 @@ def test_the_server_serves_vaes_by_name(taesd, tmp_path):
             "RGB")), np.asarray(want))
     finally:
         running.stop()
+
+
+def test_preview_vae_decodes_only_the_previews(taesd, tiny_exports):
+    _, folder, _ = taesd
+    pipe = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False, preview_vae=folder)
+    own = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False)
+    swapped = Pipeline.load(tiny_exports["sd1"], provider="cpu", progress=False, vae=folder)
+    shown = []
+    image = pipe(PROMPT, seed=2, steps=3, sampler="euler", callback=lambda i, s, x, preview: shown.append(preview()),
+                 previews=True)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(own(PROMPT, seed=2, steps=3, sampler="euler")[0]))
+    final = swapped(PROMPT, seed=2, steps=3, sampler="euler")[0]  # Euler's last x0 estimate, decoded by TAESD
+    assert np.array_equal(np.asarray(shown[-1][0]), np.asarray(final))
+    with pytest.raises(InputError) as error:
+        Pipeline.load(tiny_exports["sd1"], preview_vae=tiny_exports["sd2"])
+    assert error.value.field == "preview_vae"
