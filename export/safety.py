@@ -10,10 +10,8 @@ against PyTorch like every graph, at another batch and image size than it was tr
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sdonnx.export.check import check_graph
@@ -45,32 +43,23 @@ class _Checker(torch.nn.Module):
 
 def export_safety_checker(checker, feature_extractor: dict, folder: Path, *, opset: int, min_psnr: float) -> dict:
     """Write the checker's graph and preprocessing config into `folder`; its parity with PyTorch."""
+    from sdonnx.export.graphs import Graph, export_graph
+
     size = int(checker.config.vision_config.image_size)
-    module = _Checker(checker).eval()
     generator = torch.Generator().manual_seed(0)
 
     def example(batch: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.randn((batch, 3, size, size), generator=generator),
                 torch.rand((batch, height, width, 3), generator=generator))
 
+    axes = {"clip_input": {0: "batch_size"}, "images": {0: "batch_size", 1: "height", 2: "width"},
+            "out_images": {0: "batch_size", 1: "height", 2: "width"}, "has_nsfw_concepts": {0: "batch_size"}}
+    graph = Graph("safety_checker", _Checker(checker).eval(), INPUTS, OUTPUTS, axes, example(1, 40, 48),
+                  example(3, 24, 32))
     path = Path(folder) / GRAPH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent branches
-        torch.onnx.export(
-            module, example(1, 40, 48), str(path), input_names=list(INPUTS), output_names=list(OUTPUTS),
-            dynamic_axes={"clip_input": {0: "batch_size"}, "images": {0: "batch_size", 1: "height", 2: "width"},
-                          "out_images": {0: "batch_size", 1: "height", 2: "width"},
-                          "has_nsfw_concepts": {0: "batch_size"}},
-            opset_version=opset, do_constant_folding=True, dynamo=False,
-        )
-        cases = []
-        for batch, height, width in ((2, 24, 32), (3, 16, 16)):
-            feeds = example(batch, height, width)
-            out_images, flags = module(*feeds)
-            cases.append(({name: t.numpy() for name, t in zip(INPUTS, feeds)},
-                          {"out_images": out_images.numpy(), "has_nsfw_concepts": flags.numpy().astype(np.float32)}))
-    parity = check_graph("safety_checker", path, [(feeds, ref) for feeds, ref in cases], min_psnr=min_psnr)
+    cases = graph.cases()
+    export_graph(graph, path, opset=opset)
+    parity = check_graph("safety_checker", path, cases, min_psnr=min_psnr)
     extractor = Path(folder) / FEATURE_EXTRACTOR
     extractor.parent.mkdir(parents=True, exist_ok=True)
     extractor.write_text(json.dumps(feature_extractor, indent=2) + "\n", encoding="utf-8")

@@ -19,10 +19,9 @@ when the `control` extra is installed.
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
@@ -32,7 +31,8 @@ from PIL import Image
 from sdonnx.config import check_real
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, GraphSpec, TensorSpec, _graph, _Reader, read_manifest_json,
+    FORMAT_VERSION, MANIFEST_NAME, GraphSpec, TensorSpec, _graph, _Reader, checked_version, read_manifest_json,
+    write_record,
 )
 from sdonnx.runtime.session import Session
 
@@ -80,13 +80,8 @@ class ControlNetManifest:
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
     def write(self, folder: Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_record(self, folder)
 
     @classmethod
     def read(cls, folder: Path) -> ControlNetManifest:
@@ -96,9 +91,7 @@ class ControlNetManifest:
         if raw.get("kind") != KIND:
             raise ModelError(f"{path}: kind: got {raw.get('kind')!r}, expected {KIND!r} (a ControlNet folder from "
                              "`sdonnx export CONTROLNET OUT`)")
-        version = r.get("format_version", int)
-        if version > FORMAT_VERSION:
-            raise ModelError(f"{path}: format_version: got {version}, expected <= {FORMAT_VERSION} (upgrade sdonnx)")
+        version = checked_version(r)
         residuals = []
         for i, item in enumerate(r.get("residuals", list)):
             t = _Reader(item, f"{path}.residuals[{i}]")

@@ -302,6 +302,21 @@ class Manifest:
                 raise ModelError(f"{path}: sha256 {actual} differs from the manifest's {expected} (file changed or corrupt)")
 
 
+def write_record(record: Any, folder: Path) -> Path:
+    """A manifest dataclass (a ControlNet's, a VAE's) as `folder`/manifest.json."""
+    path = Path(folder) / MANIFEST_NAME
+    path.write_text(json.dumps(asdict(record), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def checked_version(r: _Reader) -> int:
+    """A manifest's format_version; ModelError for one written by a newer sdonnx."""
+    version = r.get("format_version", int)
+    if version > FORMAT_VERSION:
+        raise ModelError(f"{r.where}: format_version: got {version}, expected <= {FORMAT_VERSION} (upgrade sdonnx)")
+    return version
+
+
 def read_manifest_json(path: Path, kind: str) -> Any:
     """The JSON in a manifest file; ModelError naming it when it is missing or unreadable."""
     try:

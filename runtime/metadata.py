@@ -253,9 +253,8 @@ def write_png(image: Image.Image, path: Path, parameters: str) -> None:
     Through `sdonnx.files.replace_file`: a new file gets mode 0666 less the umask, a replaced file keeps
     its mode, and a symlink at `path` is written through to its target (the link stays), as PIL's save does.
     """
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PNG_KEY, parameters)
-    replace_file(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+    data = png_bytes(image, parameters)
+    replace_file(path, lambda f: f.write(data))
 
 
 def _sampler(name: str) -> tuple[str, str | None]:

@@ -105,14 +105,19 @@ def check_request(
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
     if tokenizers is None:
-        tokenizers = {name: ClipTokenizer.from_folder(root / TOKENIZERS[name], manifest.tokenizer_max_length)
-                      for name in text_encoders(manifest)}
+        tokenizers = folder_tokenizers(root, manifest)
     for tokenizer in tokenizers.values():
         _check_prompts(tokenizer, config)
     hires = _hires(manifest, config, height, width, opened)
     runs = _runs(manifest, root, policy, config.batch, *(hires or (height, width)), available, loaded)
     _warn_far_from_native(manifest, height, width)
     return Request(config, height, width, opened, mask, inpainting, runs, hires=hires)
+
+
+def folder_tokenizers(root: Path, manifest: Manifest) -> dict[str, ClipTokenizer]:
+    """Each text encoder's tokenizer, read from the model folder (no graph loaded)."""
+    return {name: ClipTokenizer.from_folder(root / TOKENIZERS[name], manifest.tokenizer_max_length)
+            for name in text_encoders(manifest)}
 
 
 HIRES_STRENGTH = 0.7  # A1111's denoising strength for the hires pass

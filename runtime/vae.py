@@ -12,14 +12,14 @@ it must match the model's latent space (channels and factor), and decodes with i
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Mapping
 
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import (
-    FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, _graph, _Reader, read_manifest_json,
+    FORMAT_VERSION, MANIFEST_NAME, GraphSpec, Manifest, _graph, _Reader, checked_version, read_manifest_json,
+    write_record,
 )
 from sdonnx.runtime.session import Session
 
@@ -43,13 +43,8 @@ class VaeManifest:
     kind: str = KIND
     format_version: int = FORMAT_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
     def write(self, folder: Path) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        path.write_text(self.to_json(), encoding="utf-8")
-        return path
+        return write_record(self, folder)
 
     @classmethod
     def read(cls, folder: Path) -> VaeManifest:
@@ -59,9 +54,7 @@ class VaeManifest:
             raise InputError("vae", str(folder), f"a VAE folder from `sdonnx export VAE OUT` (its manifest's kind is "
                              f"{raw.get('kind')!r}, not {KIND!r})")
         r = _Reader(raw, str(path))
-        version = r.get("format_version", int)
-        if version > FORMAT_VERSION:
-            raise ModelError(f"{path}: format_version: got {version}, expected <= {FORMAT_VERSION} (upgrade sdonnx)")
+        version = checked_version(r)
         graphs = r.sub("graphs")
         specs = {name: _graph(graphs.sub(name)) for name in graphs.keys()}
         if DECODER not in specs:

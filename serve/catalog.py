@@ -17,14 +17,13 @@ from pathlib import Path
 from sdonnx.errors import InputError, SdonnxError
 from sdonnx.models import EMBEDDED_MODEL
 from sdonnx.runtime import lora
-from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
+from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.metadata import recorded_hash
 from sdonnx.runtime.model import MANIFEST_NAME, read_facts
 from sdonnx.runtime.controlnet import CONTROLNETS_DIR
 from sdonnx.runtime.lora import Adapters
 from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, check_before_load
-from sdonnx.runtime.request import Request
-from sdonnx.runtime.tokenizer import ClipTokenizer
+from sdonnx.runtime.request import Request, folder_tokenizers
 from sdonnx.runtime.vae import KIND as VAE_KIND
 from sdonnx.runtime.vae import load_vae
 from sdonnx.runtime.providers import RuntimeOptions
@@ -88,7 +87,7 @@ class Catalog:
         root, facts = self.facts(name)
         with self._lock:
             if name not in self._checkers:
-                self._checkers[name] = (load_folder_tokenizers(root, facts), Adapters(root, facts))
+                self._checkers[name] = (folder_tokenizers(root, facts), Adapters(root, facts))
             tokenizers, adapters = self._checkers[name]
             return check_before_load(root, facts, self.options.memory, config, image, mask, lora_dir=self.lora_dir,
                                      control_dir=self.control_dir, tokenizers=tokenizers, adapters=adapters)
@@ -140,12 +139,6 @@ def _kind(folder: Path) -> str | None:
         return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def load_folder_tokenizers(root: Path, facts: Manifest) -> dict[str, ClipTokenizer]:
-    """Each text encoder's tokenizer, from the folder (as check_request reads them)."""
-    return {name: ClipTokenizer.from_folder(root / TOKENIZERS[name], facts.tokenizer_max_length)
-            for name in text_encoders(facts)}
 
 
 def _model_folders(path: Path | str | None) -> dict[str, Path]:
