@@ -269,8 +269,21 @@ def _model_facts(source: SourceModel) -> dict:
         schedule=schedule,
         source=source.description,
         latent_rgb=_latent_rgb(source.vae),
+        upscaler=_upscaler_facts(source),
         **_text_time_facts(source),
     )
+
+
+def _upscaler_facts(source: SourceModel):
+    """The x4 upscaler's manifest field (the low-res image's noise schedule and top level); None otherwise."""
+    from sdonnx.export.source import scheduler_facts
+    from sdonnx.runtime.manifest import Upscaler
+
+    if source.upscaler is None:
+        return None
+    schedule, _ = scheduler_facts(source.upscaler.low_res_scheduler_config)
+    return Upscaler(schedule, source.upscaler.max_noise_level, int(source.unet.config.in_channels)
+                    - int(source.vae.config.latent_channels))
 
 
 def _latent_rgb(vae):
@@ -291,9 +304,11 @@ def _latent_rgb(vae):
 
 
 def _family(source: SourceModel, cross_attention_dim: int) -> str:
-    """The informational label: sd1, sd2, sdxl, sdxl-refiner or custom (the runtime reads facts only)."""
+    """The informational label: sd1, sd2, sdxl, sdxl-refiner, x4-upscaler or custom (the runtime reads facts only)."""
     from sdonnx.runtime.manifest import family_for
 
+    if source.upscaler is not None:
+        return "x4-upscaler"
     if source.sdxl:
         return "sdxl-refiner" if source.requires_aesthetics_score else "sdxl"
     return family_for(cross_attention_dim)

@@ -224,7 +224,8 @@ class _SdxlTextEncoder(_Wrapper):
 
 
 class _UNet(_Wrapper):
-    """SD's U-Net; with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6];
+    """SD's U-Net; the x4 upscaler's also takes class_labels int64 [B] (the low-res image's noise level);
+    with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6];
     then the ControlNet residuals, optional (zeros when not fed)."""
 
     output_names = ("out_sample",)
@@ -234,8 +235,10 @@ class _UNet(_Wrapper):
         self.unet = source.unet
         self.num_train_timesteps = int(source.scheduler_config.get("num_train_timesteps", 1000))
         self.text_time = source.text_time
+        self.max_noise_level = source.upscaler.max_noise_level if source.upscaler is not None else None
         self.residuals = residuals(self.unet) if controlnet else ()
-        extra = ("text_embeds", "time_ids") if self.text_time is not None else ()
+        extra = (*(("class_labels",) if self.max_noise_level is not None else ()),
+                 *(("text_embeds", "time_ids") if self.text_time is not None else ()))
         self.input_names = ("sample", "timestep", "encoder_hidden_states", *extra, *(r.name for r in self.residuals))
         # Each residual's dims are its own: its zero default [1, C, 1, 1] broadcasts where a fed one matches.
         self.dynamic_axes = {"sample": {0: "batch_size", 2: "height", 3: "width"},
@@ -255,11 +258,13 @@ class _UNet(_Wrapper):
         timestep = torch.rand((), generator=generator) * self.num_train_timesteps
         context = torch.randn((batch, probe.context_length, config.cross_attention_dim), generator=generator)
         added = ()
+        if self.max_noise_level is not None:
+            added = (torch.randint(0, self.max_noise_level + 1, (batch,), generator=generator),)
         if self.text_time is not None:
             text_embeds = torch.randn((batch, self.text_time.text_embeds_dim), generator=generator)
             # Sizes and crop offsets in pixels (or an aesthetic score): the sinusoidal embedding sees 0..1024.
             time_ids = torch.rand((batch, self.text_time.time_id_count), generator=generator) * 1024
-            added = (text_embeds, time_ids)
+            added = (*added, text_embeds, time_ids)
         residual = tuple(torch.randn((batch, r.channels, *r.size(probe.latent_size)), generator=generator)
                          for r in self.residuals)
         return sample, timestep, context, *added, *residual
@@ -272,7 +277,8 @@ class _UNet(_Wrapper):
         if fed and len(fed) != len(self.residuals):
             raise ExportError(f"unet: ControlNet residuals {fed} given without the others")
         down = tuple(given[r.name] for r in self.residuals[:-1]) if fed else None
-        return (self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"], added_cond_kwargs=added,
+        return (self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"],
+                          class_labels=given.get("class_labels"), added_cond_kwargs=added,
                           down_block_additional_residuals=down, mid_block_additional_residual=given.get(MID_RESIDUAL),
                           return_dict=False)[0],)
 
@@ -376,6 +382,7 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     text_encoder_2  (SDXL) input_ids int64 [B, T] -> text_embeds [B, P], last_hidden_state [B, T, D2],
                   hidden_states.0..N2 [B, T, D2]
     unet          sample [2B, C, Lh, Lw], timestep float32 [], encoder_hidden_states [2B, S, D]
+                  (x4 upscaler: + class_labels int64 [2B], C = latent_channels + 3)
                   (SDXL: + text_embeds [2B, P], time_ids [2B, 6 | 5]; D = D1 + D2)
                   -> out_sample [2B, 4, Lh, Lw]   (2B: classifier-free guidance batches uncond||cond)
     vae_encoder   sample [B, 3, H, W] -> latent_parameters [B, 2*latent_channels, Lh, Lw]

@@ -23,6 +23,10 @@ TIME_IDS = {
     6: ("original_size", "crops_coords_top_left", "target_size"),
     5: ("original_size", "crops_coords_top_left", "aesthetic_score"),
 }
+# SD's x4 upscaler (StableDiffusionUpscalePipeline) adds the DDPM schedule that noises the low-res image; its
+# U-Net takes latents || that image and the noise level as class labels (diffusers' default max: 350).
+UPSCALER_PARTS = ("low_res_scheduler",)
+MAX_NOISE_LEVEL = 350
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -37,6 +41,15 @@ class TextTime:
     text_embeds_dim: int
     time_ids: tuple[str, ...]
     time_id_count: int
+
+
+@dataclass(frozen=True)
+class UpscalerSource:
+    """What an x4 upscaler adds: the low-res image's noise schedule (low_res_scheduler's config) and
+    the highest noise level the U-Net's class embedding was trained for (model_index.json)."""
+
+    low_res_scheduler_config: dict
+    max_noise_level: int
 
 
 @dataclass
@@ -60,6 +73,7 @@ class SourceModel:
     # diffusers' StableDiffusionSafetyChecker and its CLIP preprocessing config, when the folder has them.
     safety_checker: Any = None
     feature_extractor: dict | None = None
+    upscaler: UpscalerSource | None = None  # SD's x4 upscaler (StableDiffusionUpscalePipeline)
     # Read once from the configs here, so that they outlive the modules (released as their graphs are done).
     text_time: TextTime | None = field(init=False, default=None)
     text_widths: dict = field(init=False, default_factory=dict)
@@ -71,6 +85,7 @@ class SourceModel:
             if (module := getattr(self, name)) is not None
         }
         self.text_time = text_time_conditioning(self)
+        check_class_labels(self)
 
     @property
     def sdxl(self) -> bool:
@@ -136,6 +151,25 @@ def text_time_conditioning(source: SourceModel) -> TextTime | None:
             f"{' + '.join(map(str, widths))} = {sum(widths)} (SDXL concatenates their hidden states)"
         )
     return TextTime(text_embeds_dim, TIME_IDS[count], count)
+
+
+def check_class_labels(source: SourceModel) -> None:
+    """A U-Net with class embeddings must be an x4 upscaler's: latents || the 3-channel low-res image,
+    one class per noise level up to max_noise_level. ExportError otherwise (nothing is exported)."""
+    unet, upscaler = source.unet.config, source.upscaler
+    classes = getattr(unet, "num_class_embeds", None)
+    if upscaler is None:
+        if classes is not None or getattr(unet, "class_embed_type", None) is not None:
+            raise ExportError("unet.num_class_embeds: a class-conditional U-Net, expected none (only the x4 upscaler's "
+                              "noise-level classes are supported, with its low_res_scheduler/)")
+        return
+    latent = int(source.vae.config.latent_channels)
+    if int(unet.in_channels) != latent + 3:
+        raise ExportError(f"unet.in_channels: got {unet.in_channels}, expected the x4 upscaler's {latent + 3} "
+                          f"(vae.latent_channels {latent} + the 3 channels of the low-res image)")
+    if classes is None or int(classes) <= upscaler.max_noise_level:
+        raise ExportError(f"unet.num_class_embeds: got {classes}, expected more than model_index.json's "
+                          f"max_noise_level {upscaler.max_noise_level} (one class per noise level)")
 
 
 def load_source(source: str, *, allow_pickle: bool = False, config: Path | None = None) -> SourceModel:
@@ -229,14 +263,30 @@ def load_folder(folder: Path, *, allow_pickle: bool, description: str) -> Source
         unet, vae, text_encoder, tokenizer("tokenizer"), scheduler_config, description,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer("tokenizer_2"), pipeline_config=pipeline_config,
         safety_checker=safety_checker, feature_extractor=feature_extractor,
+        upscaler=_upscaler(folder, pipeline_config) if "low_res_scheduler" in parts else None,
     )
+
+
+def _upscaler(folder: Path, model_index: dict) -> UpscalerSource:
+    """An x4 upscaler folder's low_res_scheduler config and max_noise_level; ExportError naming a bad one."""
+    path = folder / "low_res_scheduler" / "scheduler_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"low_res_scheduler: cannot read {path}: {e}") from e
+    level = model_index.get("max_noise_level", MAX_NOISE_LEVEL)
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise ExportError(f"model_index.json: max_noise_level: got {level!r}, expected an integer >= 0")
+    if not isinstance(config, dict):
+        raise ExportError(f"low_res_scheduler: {path} holds a {type(config).__name__}, expected a JSON object")
+    return UpscalerSource(config, level)
 
 
 def pipeline_parts(folder: Path, model_index: dict) -> tuple[str, ...]:
     """The component folders a diffusers folder must hold, by its model_index.json and U-Net config."""
     sdxl = _listed(model_index, "text_encoder_2") or _unet_config(folder).get("addition_embed_type") == TEXT_TIME
     if not sdxl:
-        return PIPELINE_PARTS
+        return (*PIPELINE_PARTS, *UPSCALER_PARTS) if _listed(model_index, "low_res_scheduler") else PIPELINE_PARTS
     # A component the index marks [null, null] is absent on purpose (the refiner's text_encoder/tokenizer).
     first = tuple(name for name in ("text_encoder", "tokenizer") if not _marked_absent(model_index, name))
     return ("unet", "vae", *first, *SDXL_PARTS, "scheduler")

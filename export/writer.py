@@ -23,8 +23,10 @@ def write_pipeline_files(folder: Path, source: Any) -> None:
 
     folder = Path(folder)
     inpainting = source.unet.config.in_channels == 9
+    pipeline = ("StableDiffusionUpscalePipeline" if source.upscaler is not None
+                else "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline")
     model_index = {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_class_name": pipeline,
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -35,6 +37,11 @@ def write_pipeline_files(folder: Path, source: Any) -> None:
         "unet": ["diffusers", type(source.unet).__name__],
         "vae": ["diffusers", type(source.vae).__name__],
     }
+    if source.upscaler is not None:
+        model_index["low_res_scheduler"] = ["diffusers", source.upscaler.low_res_scheduler_config.get(
+            "_class_name", "DDPMScheduler")]
+        model_index["max_noise_level"] = source.upscaler.max_noise_level
+        _write_json(folder / "low_res_scheduler" / "scheduler_config.json", source.upscaler.low_res_scheduler_config)
     _write_json(folder / "model_index.json", model_index)
     _write_json(folder / "scheduler" / "scheduler_config.json", source.scheduler_config)
     source.text_encoder.config.save_pretrained(folder / "text_encoder")

@@ -1,4 +1,4 @@
-"""`sdonnx generate` and `sdonnx info`: the runtime's subcommands.
+"""`sdonnx generate`, `upscale`, `preprocess` and `info`: the runtime's subcommands.
 
 Flags map one to one onto GenerationConfig and RuntimeOptions fields; a flag left out keeps the
 field's default. Every argument is checked before the model loads, and images are written to a
@@ -28,7 +28,8 @@ from sdonnx.runtime.pipeline import (
     REFINER_SWITCH, RNGS, GenerationConfig, Pipeline, check_before_load, check_hires_mix,
 )
 from sdonnx.runtime.providers import GRAPH_OPTIMIZATION, PROVIDERS, RuntimeOptions, available_providers
-from sdonnx.runtime.request import check_request
+from sdonnx.runtime.memory import UNET_TILE
+from sdonnx.runtime.request import DEFAULT_NOISE_LEVEL, check_request, check_upscale
 from sdonnx.runtime.sampling import SAMPLERS
 from sdonnx.runtime.schedules import SCHEDULES
 from sdonnx.runtime.starts import IMG2IMG_STRENGTH, INPAINT_STRENGTH
@@ -38,38 +39,15 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `generate` and `info` to the `sdonnx` command."""
+    """Add `generate`, `upscale`, `preprocess` and `info` to the `sdonnx` command."""
     generate = subparsers.add_parser("generate", help="generate images from a prompt", description=_generate.__doc__)
     generate.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (optional with --from-png)")
     generate.add_argument(
         "-m", "--model", type=Path, default=EMBEDDED_MODEL,
         help="model folder, an sdonnx or optimum export (default: the embedded model, no download needed)",
     )
-    generate.add_argument("-n", "--negative-prompt", help="what the image should not show")
-    generate.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended, else 30)")
-    generate.add_argument(
-        "--guidance", type=float,
-        help="guidance scale, 0 to 50; <= 1 turns CFG off (default: the model's recommended, else 7.5)",
-    )
-    generate.add_argument("--guidance-rescale", type=float, help="guidance rescale in [0, 1] (default 0)")
-    generate.add_argument(
-        "--guidance-interval", metavar="LOW,HIGH",
-        help="apply guidance only for sigmas in [LOW, HIGH]; other steps run the U-Net once, not twice (default: all)",
-    )
-    generate.add_argument(
-        "--sampler",
-        help=f"{', '.join(SAMPLERS)}, or A1111's name (\"Euler a\", \"DPM++ 2M\", ...) (default {_DEFAULTS['sampler']})",
-    )
-    generate.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
-    generate.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    add_sampling_flags(generate)
     generate.add_argument("--size", metavar="WxH", help="image size, e.g. 512x512 (default: the model's native size)")
-    generate.add_argument("--batch", type=int, help="images to generate; image k uses seed + k (default 1)")
-    generate.add_argument(
-        "--rng", choices=RNGS,
-        help="noise generator: torch (the noise of torch.manual_seed on CPU, as diffusers and A1111's CPU RNG) "
-        "or numpy (default torch)",
-    )
-    generate.add_argument("--clip-skip", type=int, help="text encoder layer from the end, as A1111 counts (default 1)")
     generate.add_argument("--original-size", metavar="WxH", help="SDXL micro-conditioning: the size the image "
                           "claims to come from (default: the image size)")
     generate.add_argument("--target-size", metavar="WxH", help="SDXL micro-conditioning (default: the image size)")
@@ -135,13 +113,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     generate.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
                           help="do not run the model folder's safety checker (on when the folder has one)")
     generate.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    generate.add_argument("--preview", type=Path, metavar="FILE.png",
-                          help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
-    generate.add_argument("--preview-every", type=int, default=1, metavar="N",
-                          help="with --preview: every N steps (default 1)")
-    generate.add_argument("--preview-vae", type=Path, metavar="FOLDER",
-                          help="with --preview: decode the previews with this exported VAE (a TAESD: fast)")
+    add_preview_flags(generate)
     generate.set_defaults(func=_generate)
+
+    upscale = subparsers.add_parser("upscale", help="make an image 4x larger with an x4 upscaler model",
+                                    description=_upscale.__doc__)
+    upscale.add_argument("prompt", metavar="PROMPT", help="what the image shows")
+    upscale.add_argument("--image", type=Path, required=True, metavar="IMG", help="the low-res image to upscale")
+    upscale.add_argument("-m", "--model", type=Path, required=True,
+                         help="an x4 upscaler folder (`sdonnx export` of a StableDiffusionUpscalePipeline folder)")
+    upscale.add_argument("--noise-level", type=int, default=DEFAULT_NOISE_LEVEL,
+                         help="noise added to the low-res image, 0 to the model's maximum (350): more lets the model "
+                         f"invent more detail and keep less of the image (default {DEFAULT_NOISE_LEVEL})")
+    upscale.add_argument("--tile", type=int, metavar="PX",
+                         help="run the U-Net on blended tiles of PX low-res pixels, for large images "
+                         f"(default: whole; {UNET_TILE} with --low-memory)")
+    add_sampling_flags(upscale)
+    upscale.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                         help="textual-inversion files; each is used where its file name is a word of the prompt")
+    upscale.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
+                         help="do not run the model folder's safety checker (on when the folder has one)")
+    upscale.add_argument("-o", "--output", default="upscaled.png",
+                         help="PNG path; with --batch N: NAME-1.png ... (default upscaled.png)")
+    upscale.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_preview_flags(upscale)
+    add_runtime_flags(upscale)
+    upscale.set_defaults(func=_upscale)
 
     preprocess = subparsers.add_parser("preprocess", help="make a control image for --control-image",
                                        description=_preprocess.__doc__)
@@ -164,6 +161,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--verify", action="store_true", help="re-hash every file against manifest.json, cache or not")
     add_runtime_flags(info)
     info.set_defaults(func=_info)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags generate and upscale share: prompts aside, how the sampler runs."""
+    parser.add_argument("-n", "--negative-prompt", help="what the image should not show")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended, else 30)")
+    parser.add_argument(
+        "--guidance", type=float,
+        help="guidance scale, 0 to 50; <= 1 turns CFG off (default: the model's recommended, else 7.5)",
+    )
+    parser.add_argument("--guidance-rescale", type=float, help="guidance rescale in [0, 1] (default 0)")
+    parser.add_argument(
+        "--guidance-interval", metavar="LOW,HIGH",
+        help="apply guidance only for sigmas in [LOW, HIGH]; other steps run the U-Net once, not twice (default: all)",
+    )
+    parser.add_argument(
+        "--sampler",
+        help=f"{', '.join(SAMPLERS)}, or A1111's name (\"Euler a\", \"DPM++ 2M\", ...) (default {_DEFAULTS['sampler']})",
+    )
+    parser.add_argument("--schedule", help=f"{', '.join(SCHEDULES)} sigmas (default {_DEFAULTS['schedule']})")
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one, printed)")
+    parser.add_argument("--batch", type=int, help="images to generate; image k uses seed + k (default 1)")
+    parser.add_argument(
+        "--rng", choices=RNGS,
+        help="noise generator: torch (the noise of torch.manual_seed on CPU, as diffusers and A1111's CPU RNG) "
+        "or numpy (default torch)",
+    )
+    parser.add_argument("--clip-skip", type=int, help="text encoder layer from the end, as A1111 counts (default 1)")
+
+
+def add_preview_flags(parser: argparse.ArgumentParser) -> None:
+    """--preview FILE.png and its companions (`preview_writer`)."""
+    parser.add_argument("--preview", type=Path, metavar="FILE.png",
+                        help="rewrite FILE.png (atomically) with the first image's step preview as steps go")
+    parser.add_argument("--preview-every", type=int, default=1, metavar="N",
+                        help="with --preview: every N steps (default 1)")
+    parser.add_argument("--preview-vae", type=Path, metavar="FOLDER",
+                        help="with --preview: decode the previews with this exported VAE (a TAESD: fast)")
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -199,10 +234,7 @@ def _generate(args: argparse.Namespace) -> int:
     if mask is not None and init_image is None:
         raise InputError("mask", str(mask), "--init-image too (the image to inpaint)")
     outputs = output_paths(args.output, config.batch)
-    if args.preview is not None:
-        check_int("preview_every", args.preview_every, 1)
-        if args.preview.suffix.lower() != ".png" or not args.preview.parent.is_dir():
-            raise InputError("preview", str(args.preview), "a .png path in an existing folder")
+    _check_preview(args)
     options = config_from_args(RuntimeOptions, args)
     root, facts = read_facts(args.model)
     for name in ("lora_dir", "embeddings_dir", "control_dir"):
@@ -230,10 +262,7 @@ def _generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.load(root, options, progress=not args.quiet, lora_dir=args.lora_dir,
                          embeddings_dir=args.embeddings_dir, control_dir=args.control_dir,
                          safety_checker=args.safety_checker, vae=args.vae, preview_vae=args.preview_vae)
-    if not args.quiet:
-        print("safety checker: " + ("on (--no-safety-checker turns it off)" if pipe.safety else
-                                    "off" if args.safety_checker is False else "none in this model folder"),
-              file=sys.stderr)
+    _say_safety(args, pipe)
     refiner = Pipeline.load(refiner_root, options, progress=not args.quiet) if args.refiner is not None else None
     # img2img with an image, inpainting with a mask; the refiner finishes what the base began.
     images = pipe.generate(config, image=init_image, mask=mask, refiner=refiner, callback=preview_writer(args),
@@ -250,6 +279,55 @@ def _generate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"wrote {path}" + (" (black: the safety checker flagged it)" if image.info.get("nsfw") else ""))
     return 0
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    """Make an image 4x larger after a prompt with an x4 upscaler model folder (SD's
+    stable-diffusion-x4-upscaler, exported with `sdonnx export`) and write it as PNG."""
+    interval = {} if args.guidance_interval is None else {"guidance_interval": parse_interval(args.guidance_interval)}
+    config = config_from_args(GenerationConfig, args, **interval)
+    image = _checked_image("image", args.image)
+    outputs = output_paths(args.output, config.batch)
+    _check_preview(args)
+    options = config_from_args(RuntimeOptions, args)
+    root, facts = read_facts(args.model)
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise InputError("embeddings_dir", str(args.embeddings_dir), "an existing folder")
+    config = check_upscale(facts, root, options.memory, config, image, args.noise_level, args.tile).config
+    if args.preview_vae is not None:
+        try:
+            load_vae(args.preview_vae, facts, lambda graph, component: None)
+        except InputError as e:
+            raise InputError("preview_vae", e.received, e.expected) from None
+    pipe = Pipeline.load(root, options, progress=not args.quiet, embeddings_dir=args.embeddings_dir,
+                         safety_checker=args.safety_checker, preview_vae=args.preview_vae)
+    _say_safety(args, pipe)
+    images = pipe.run_upscale(config, image=image, noise_level=args.noise_level, tile=args.tile,
+                              callback=preview_writer(args), previews=args.preview is not None)
+    if config.seed is None:
+        print(f"seed: {images[0].info['seed']}")
+    for upscaled, path in zip(images, outputs):
+        parameters = format_parameters(config, seed=upscaled.info["seed"], size=upscaled.size, model=pipe.model,
+                                       noise_level=args.noise_level)
+        write_png(upscaled, path, parameters)
+        if not args.quiet:
+            print(f"wrote {path}" + (" (black: the safety checker flagged it)" if upscaled.info.get("nsfw") else ""))
+    return 0
+
+
+def _check_preview(args: argparse.Namespace) -> None:
+    if args.preview is not None:
+        check_int("preview_every", args.preview_every, 1)
+        if args.preview.suffix.lower() != ".png" or not args.preview.parent.is_dir():
+            raise InputError("preview", str(args.preview), "a .png path in an existing folder")
+
+
+def _say_safety(args: argparse.Namespace, pipe: Pipeline) -> None:
+    """The one-line notice of whether the safety checker runs."""
+    if not args.quiet:
+        print("safety checker: " + ("on (--no-safety-checker turns it off)" if pipe.safety else
+                                    "off" if args.safety_checker is False else "none in this model folder"),
+              file=sys.stderr)
 
 
 def preview_writer(args: argparse.Namespace):
@@ -378,6 +456,8 @@ def _info(args: argparse.Namespace) -> int:
                  "text_hidden_states", "pooled_text_encoder", "time_ids", "force_zeros_for_empty_prompt",
                  "vae_force_upcast", "unet_attention", "recommended"):
         print(f"  {name}: {getattr(m, name)}")
+    if m.upscaler is not None:
+        print(f"  upscaler: x{m.vae_downsample}, noise levels 0 to {m.upscaler.max_noise_level}")
     print(f"  default image size: {m.default_image_size}x{m.default_image_size}")
     s = m.schedule
     print(

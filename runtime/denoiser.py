@@ -82,6 +82,12 @@ class Conditioning:
         return Conditioning({k: np.concatenate([first.inputs[k], v]) for k, v in self.inputs.items()}, channels,
                             controls)
 
+    def window(self, rows: slice, cols: slice) -> Conditioning:
+        """This conditioning for a tile of the latent (tiles.py): its appended channels cropped to it."""
+        if self.controls:
+            raise InputError("controls", len(self.controls), "none on a tiled U-Net (control images are whole)")
+        return Conditioning(self.inputs, None if self.channels is None else self.channels[..., rows, cols])
+
     def part(self, start: int, stop: int) -> Conditioning:
         """Images start..stop of the batch."""
         channels = None if self.channels is None else self.channels[start:stop]

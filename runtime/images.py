@@ -30,6 +30,7 @@ from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.manifest import Manifest
 from sdonnx.runtime.noise import NoiseSource, gaussian_like
 from sdonnx.runtime.session import Session
+from sdonnx.runtime.tiles import windows
 
 DECODER_INPUT = "latent_sample"
 DECODER_OUTPUT = "sample"
@@ -69,48 +70,21 @@ def decode(
 def decode_tiled(vae_decoder: Session, vae_latents: np.ndarray, tile: int, factor: int) -> np.ndarray:
     """VAE-space latents [B, C, h, w] -> pixels float32 [B, 3, h*f, w*f], decoded tile by tile.
 
-    Tiles of tile x tile latent pixels (fewer at an image smaller than that) overlap by tile // 4;
-    each tile's pixels weigh in with a ramp that rises across the overlap with its neighbours, and
-    the weighted sum is normalized, so the blend is seamless wherever the tiles agree.
+    Tiles of tile x tile latent pixels (fewer at an image smaller than that) overlap by tile // 4 and
+    are blended with ramps across the overlaps (tiles.py).
     """
-    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 4:
-        raise InputError("tile", tile, "an int >= 4 (latent pixels)")
     height, width = vae_latents.shape[2:]
-    overlap = tile // 4
     pixels = weights = None
-    for top in _tile_starts(height, tile, overlap):
-        for left in _tile_starts(width, tile, overlap):
-            rows, cols = min(tile, height), min(tile, width)
-            part = _run_decoder(vae_decoder, vae_latents[:, :, top : top + rows, left : left + cols])
-            if pixels is None:
-                pixels = np.zeros((*part.shape[:2], height * factor, width * factor), dtype=np.float32)
-                weights = np.zeros((height * factor, width * factor), dtype=np.float32)
-            ramp = np.outer(
-                _ramp(rows * factor, overlap * factor, top > 0, top + rows < height),
-                _ramp(cols * factor, overlap * factor, left > 0, left + cols < width),
-            )
-            y, x = slice(top * factor, (top + rows) * factor), slice(left * factor, (left + cols) * factor)
-            pixels[:, :, y, x] += part.astype(np.float32) * ramp
-            weights[y, x] += ramp
+    for rows, cols, ramp in windows(height, width, tile, factor):
+        latent_rows, latent_cols = slice(rows.start // factor, rows.stop // factor), slice(cols.start // factor,
+                                                                                          cols.stop // factor)
+        part = _run_decoder(vae_decoder, vae_latents[:, :, latent_rows, latent_cols])
+        if pixels is None:
+            pixels = np.zeros((*part.shape[:2], height * factor, width * factor), dtype=np.float32)
+            weights = np.zeros((height * factor, width * factor), dtype=np.float32)
+        pixels[:, :, rows, cols] += part.astype(np.float32) * ramp
+        weights[rows, cols] += ramp
     return pixels / weights
-
-
-def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Offsets of tiles of `tile` covering `size`, at least `overlap` apart from their neighbours' ends."""
-    if size <= tile:
-        return [0]
-    return [*range(0, size - tile, tile - overlap), size - tile]
-
-
-def _ramp(length: int, rise: int, rising: bool, falling: bool) -> np.ndarray:
-    """Weights along one axis of a tile: rising over the first `rise` pixels, falling over the last."""
-    ramp = np.ones(length, dtype=np.float32)
-    edge = (np.arange(rise, dtype=np.float32) + 0.5) / rise  # never 0: every pixel keeps a weight
-    if rising:
-        ramp[:rise] = np.minimum(ramp[:rise], edge)
-    if falling:
-        ramp[length - rise :] = np.minimum(ramp[length - rise :], edge[::-1])
-    return ramp
 
 
 def _run_decoder(vae_decoder: Session, vae_latents: np.ndarray) -> np.ndarray:

@@ -131,6 +131,19 @@ class TrainingSchedule:
         )
 
 
+@dataclass(frozen=True)
+class Upscaler:
+    """SD's x4 upscaler (diffusers' StableDiffusionUpscalePipeline): its U-Net takes the latents ||
+    the low-res image (image_channels, in [-1, 1]) noised to a noise level by noise_schedule (the
+    low_res_scheduler's DDPM schedule), and that level as its class_labels input; levels above
+    max_noise_level were never trained. The latents have the low-res image's size; the VAE makes
+    it vae_downsample times larger."""
+
+    noise_schedule: TrainingSchedule
+    max_noise_level: int
+    image_channels: int = 3
+
+
 def _time_ids(raw: list | None, where: str) -> tuple[str, ...] | None:
     if raw is None:
         return None
@@ -207,6 +220,7 @@ class Manifest:
     latent_rgb: LatentRGB | None = None
     # diffusers' safety checker (runtime/safety.py), outside `graphs`: no LoRA, recipe or step touches it.
     safety_checker: GraphSpec | None = None
+    upscaler: Upscaler | None = None  # SD's x4 upscaler: the image it upscales is the U-Net's input (upscale.py)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -242,20 +256,7 @@ class Manifest:
                 f"{where}: format_version: got {version}, expected <= {FORMAT_VERSION} "
                 "(written by a newer sdonnx; upgrade sdonnx)"
             )
-        s = r.sub("schedule")
-        schedule = TrainingSchedule(
-            num_train_timesteps=s.get("num_train_timesteps", int),
-            alphas_cumprod=tuple(s.get("alphas_cumprod", list, item=float)),
-            timestep_spacing=s.get("timestep_spacing", str, choices=TIMESTEP_SPACINGS),
-            steps_offset=s.get("steps_offset", int),
-            beta_schedule=s.get("beta_schedule", str),
-            set_alpha_to_one=s.get("set_alpha_to_one", bool, optional=True) or False,
-        )
-        if len(schedule.alphas_cumprod) != schedule.num_train_timesteps:
-            raise ModelError(
-                f"{where}: schedule.alphas_cumprod: got {len(schedule.alphas_cumprod)} values, "
-                f"expected num_train_timesteps={schedule.num_train_timesteps}"
-            )
+        schedule = _schedule(r.sub("schedule"))
         graphs_reader = r.sub("graphs")
         graphs = {name: _graph(graphs_reader.sub(name)) for name in graphs_reader.keys()}
         unknown = set(graphs) - set(COMPONENTS)
@@ -286,6 +287,7 @@ class Manifest:
             force_zeros_for_empty_prompt=r.get("force_zeros_for_empty_prompt", bool, optional=True) or False,
             vae_force_upcast=r.get("vae_force_upcast", bool, optional=True) or False,
             safety_checker=_graph(r.sub("safety_checker")) if raw.get("safety_checker") is not None else None,
+            upscaler=_upscaler(r.sub("upscaler")) if raw.get("upscaler") is not None else None,
             latent_rgb=None if raw.get("latent_rgb") is None else LatentRGB.from_json(
                 raw["latent_rgb"], r.get("latent_channels", int, positive=True), where),
             format_version=version,
@@ -325,6 +327,32 @@ def read_manifest_json(path: Path, kind: str) -> Any:
         raise ModelError(f"{path}: no manifest (expected {kind} written by `sdonnx export`)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: unreadable manifest: {e}") from None
+
+
+def _schedule(s: _Reader) -> TrainingSchedule:
+    schedule = TrainingSchedule(
+        num_train_timesteps=s.get("num_train_timesteps", int),
+        alphas_cumprod=tuple(s.get("alphas_cumprod", list, item=float)),
+        timestep_spacing=s.get("timestep_spacing", str, choices=TIMESTEP_SPACINGS),
+        steps_offset=s.get("steps_offset", int),
+        beta_schedule=s.get("beta_schedule", str),
+        set_alpha_to_one=s.get("set_alpha_to_one", bool, optional=True) or False,
+    )
+    if len(schedule.alphas_cumprod) != schedule.num_train_timesteps:
+        raise ModelError(
+            f"{s.where}.alphas_cumprod: got {len(schedule.alphas_cumprod)} values, "
+            f"expected num_train_timesteps={schedule.num_train_timesteps}"
+        )
+    return schedule
+
+
+def _upscaler(r: _Reader) -> Upscaler:
+    upscaler = Upscaler(_schedule(r.sub("noise_schedule")), r.get("max_noise_level", int),
+                        r.get("image_channels", int, positive=True))
+    if not 0 <= upscaler.max_noise_level < upscaler.noise_schedule.num_train_timesteps:
+        raise ModelError(f"{r.where}.max_noise_level: got {upscaler.max_noise_level}, expected 0 to "
+                         f"{upscaler.noise_schedule.num_train_timesteps - 1} (a step of noise_schedule)")
+    return upscaler
 
 
 def _graph(r: _Reader) -> GraphSpec:

@@ -8,6 +8,8 @@ whether they are in low-memory mode. Low memory trades speed for peak memory:
 - the U-Net runs one image at a time, the classifier-free-guidance halves one after the other
   (`denoiser.GuidedDenoiser.max_batch`), which halves its activations at least;
 - the VAE decodes latents larger than `decode_tile` in overlapping tiles (`images.decode`);
+- the x4 upscaler, whose latent is the low-res image's size, runs its U-Net on tiles of `unet_tile`
+  latent pixels blended at every step (`tiles.tiled`);
 - onnxruntime's CPU memory arena is off, so memory freed between runs goes back too.
 """
 
@@ -19,24 +21,28 @@ import sys
 from dataclasses import dataclass
 
 DECODE_TILE = 32  # latent pixels (256 image pixels for SD), overlapping by a quarter of that
+UNET_TILE = 64  # latent pixels: SD 1.5's native latent, and half the x4 upscaler's (its sample_size is 128)
 
 
 @dataclass(frozen=True)
 class MemoryPolicy:
     """release_sessions: close each graph after its step. unet_max_batch: images per U-Net run
     (None: the whole CFG batch at once). decode_tile: tile size of the VAE decode in latent pixels
-    (None: whole). arena: onnxruntime's CPU memory arena."""
+    (None: whole). unet_tile: the x4 upscaler's U-Net tile in latent pixels (None: whole). arena:
+    onnxruntime's CPU memory arena."""
 
     release_sessions: bool = False
     unet_max_batch: int | None = None
     decode_tile: int | None = None
+    unet_tile: int | None = None
     arena: bool = True
 
 
 def memory_policy(low_memory: bool, memory_arena: bool) -> MemoryPolicy:
     """The policy for RuntimeOptions' low_memory and memory_arena fields."""
     if low_memory:
-        return MemoryPolicy(release_sessions=True, unet_max_batch=1, decode_tile=DECODE_TILE, arena=False)
+        return MemoryPolicy(release_sessions=True, unet_max_batch=1, decode_tile=DECODE_TILE,
+                            unet_tile=UNET_TILE, arena=False)
     return MemoryPolicy(arena=memory_arena)
 
 

@@ -73,6 +73,7 @@ def format_parameters(
     config: GenerationConfig, *, seed: int, size: tuple[int, int], model: ModelFolder | None = None,
     refiner: ModelFolder | None = None, lora_hashes: Mapping[str, str] | None = None,
     controlnets: list[tuple[str, str]] | None = None, vae: tuple[str, str] | None = None,
+    noise_level: int | None = None,
 ) -> str:
     """The `parameters` text of one image: `seed` is the image's own, `size` its (width, height).
     lora_hashes: {name: short hash} of the LoRAs applied (the image's info["lora_hashes"]), written as
@@ -80,6 +81,7 @@ def format_parameters(
     vae: (name, short hash) of the VAE used instead of the folder's (the image's info["vae"]).
     controlnets: (name, short hash) of each of config.control (the image's info["controlnets"]),
     written as A1111's ControlNet extension does (`ControlNet 0: "Module: none, Model: ..."`).
+    noise_level: an x4 upscale's (`Noise level`), None for other images.
 
     Steps and guidance left open in `config` are written as they ran: the model's recommended ones.
     """
@@ -112,6 +114,7 @@ def format_parameters(
         "Hires upscaler": HIRES_UPSCALER_NAMES[config.hires_upscaler] if hires else None,
         "Inpaint area": "Only masked" if config.only_masked else None,
         "Masked area padding": config.only_masked_padding if config.only_masked else None,
+        "Noise level": noise_level,
         "Lora hashes": ", ".join(f"{name}: {h}" for name, h in lora_hashes.items()) if lora_hashes else None,
         **{f"ControlNet {i}": _control_text(control, name, h)
            for i, (control, (name, h)) in enumerate(zip(config.control, controlnets or ()))},

@@ -46,6 +46,7 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae_encoder": (("sample",), ("latent_parameters", "latent_sample")),
     "vae_decoder": (("latent_sample",), ("sample",)),
 }
+UPSCALER_INPUT = "class_labels"  # the x4 upscaler's noise level
 # transformers writes a huge sentinel (int(1e30)) when a tokenizer declares no length limit.
 _NO_LIMIT = 1_000_000
 _DEFAULT_MAX_LENGTH = 77
@@ -350,6 +351,8 @@ def _check_io(session: Session, manifest: Manifest) -> None:
     inputs, outputs = GRAPH_IO[session.name]
     if session.name == "unet" and manifest.pooled_text_encoder is not None:
         inputs = (*inputs, *POOLED_INPUTS)
+    if session.name == "unet" and manifest.upscaler is not None:
+        inputs = (*inputs, UPSCALER_INPUT)
     names = [t.name for t in session.inputs]
     if sorted(names) != sorted(inputs):
         raise ModelError(f"{session.path}: inputs of {session.name!r}: expected {list(inputs)}, graph has {names}")

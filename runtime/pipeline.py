@@ -51,11 +51,14 @@ from sdonnx.runtime.vae import ENCODER as VAE_ENCODER
 from sdonnx.runtime.vae import Vae, VaeManifest, load_vae
 from sdonnx.runtime.prompts import lora_tags, strip_tags
 from sdonnx.runtime.providers import RuntimeOptions, session_providers
-from sdonnx.runtime.request import Request, check_request, check_size, check_strength
+from sdonnx.runtime.request import (
+    DEFAULT_NOISE_LEVEL, Request, UpscaleRequest, check_request, check_size, check_strength, check_upscale,
+)
 from sdonnx.runtime.sampling import check_schedule, make_plan, run_plan, sampler_info
 from sdonnx.runtime.schedules import Plan, split_plan, strength_tail
-from sdonnx.runtime.starts import ImageInput, Start, initial_noise, read_init, start_latents
+from sdonnx.runtime.starts import ImageInput, Start, initial_noise, read_init, start_latents, upscale_start
 from sdonnx.runtime.text import conditioning
+from sdonnx.runtime.tiles import tiled
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
@@ -374,6 +377,73 @@ class Pipeline:
         return self.generate(config, image=image, mask=mask, latents=latents, callback=callback,
                              previews=previews)
 
+    def upscale(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        *,
+        image: ImageInput,
+        noise_level: int = DEFAULT_NOISE_LEVEL,
+        tile: int | None = None,
+        latents: np.ndarray | None = None,
+        callback: StepCallback | None = None,
+        previews: bool = False,
+        **settings,
+    ) -> list[Image.Image]:
+        """Make `image` (a low-res picture or image file, any mode) vae_downsample (4) times larger
+        after `prompt`, with an x4 upscaler folder (diffusers' StableDiffusionUpscalePipeline).
+
+        noise_level: 0 to the model's max_noise_level (350): how much noise the low-res image gets,
+        so how much the model may invent rather than keep (default 20, diffusers'). tile: run the
+        U-Net on blended tiles of that many low-res pixels (tiles.py; None: the memory policy's,
+        whole unless low_memory). latents: the unit noise [batch, C, h, w] at the image's own size.
+        settings: GenerationConfig's sampling fields (steps, guidance, sampler, seed, batch, ...).
+        Each image's info holds its seed, batch index and the noise level.
+        """
+        config = GenerationConfig(prompt, negative_prompt or "", **settings)
+        return self.run_upscale(config, image=image, noise_level=noise_level, tile=tile, latents=latents,
+                                callback=callback, previews=previews)
+
+    def run_upscale(self, config: GenerationConfig, *, image: ImageInput, noise_level: int = DEFAULT_NOISE_LEVEL,
+                    tile: int | None = None, latents: np.ndarray | None = None, callback: StepCallback | None = None,
+                    previews: bool = False) -> list[Image.Image]:
+        """`upscale` for a GenerationConfig (as `generate` is for `__call__`)."""
+        tokenizers, rows = self._embeddings(config)
+        request = check_upscale(self.manifest, self.model.root, self.model.options.memory, config, image, noise_level,
+                                tile, tokenizers=tokenizers, loaded=self.model.sessions.opened)
+        request = replace(request, rows=rows)
+        config = request.config
+        seed = config.seed if config.seed is not None else secrets.randbelow(2**32)
+        watch = self._watcher(callback, previews)
+        images, first = [], 0
+        for count in request.runs:
+            part = None if latents is None else latents[first : first + count]
+            images += self._upscale(request, replace(config, batch=count), seed + first, part, watch)
+            first += count
+        for index, upscaled in enumerate(images):
+            upscaled.info.update(seed=seed + index, batch_index=index, noise_level=request.noise_level)
+        return self.safety.apply(images) if self.safety is not None else images
+
+    def _upscale(self, request: UpscaleRequest, config: GenerationConfig, seed: int, latents: np.ndarray | None,
+                 watch: Watch | None) -> list[Image.Image]:
+        """One run of config.batch upscales: tokens -> embeddings (+ the noise level as class labels)
+        -> the noised low-res image [B, 3, h, w] and start noise [B, C, h, w] -> sampler (in tiles) ->
+        decode -> B images of h*f x w*f."""
+        m, (height, width) = self.manifest, (request.height, request.width)
+        plan = make_plan(m.schedule, config.steps, sampler=config.sampler, kind=config.schedule)
+        rng = noise_source(seed, config.rng, config.batch)
+        self.adapters.apply(self.model.sessions, (), request.rows)
+        f = m.vae_downsample
+        cond, uncond = conditioning(self.model.sessions.use, request.tokenizers or self.tokenizers, m, config,
+                                    height * f, width * f)
+        labels = {"class_labels": np.full(config.batch, request.noise_level, dtype=np.int64)}
+        start = upscale_start(image_pixels(request.image, height, width), m.upscaler, request.noise_level,
+                              shape=(config.batch, m.latent_channels, height, width), plan=plan, rng=rng,
+                              latents=latents)
+        latent = self._denoise(start, cond | labels, None if uncond is None else uncond | labels, plan,
+                               config.guidance_settings, rng, watch, tile=request.tile)
+        return self._decode(latent)
+
     def check(
         self, config: GenerationConfig, *, image: ImageInput | None = None, mask: ImageInput | None = None
     ) -> Request:
@@ -650,9 +720,11 @@ class Pipeline:
         rng: NoiseSource,
         watch: Watch | None,
         controls: tuple[ControlRequest, ...] = (),
+        tile: int | None = None,
     ) -> np.ndarray:
         """The sampler loop from start.x [B, C, h, w] to the final latent [B, C, h, w] (before
-        1/scaling_factor), x_0 * plan.latent_scale (`sampling.run_plan`).
+        1/scaling_factor), x_0 * plan.latent_scale (`sampling.run_plan`). tile: run the U-Net on
+        tiles of that many latent pixels when the latent is larger (tiles.py; the upscaler's).
 
         The U-Net session (and the ControlNets') is taken for this step only, so the memory policy
         can close it when it returns.
@@ -660,13 +732,16 @@ class Pipeline:
         with self.model.sessions.use("unet") as unet, self.controlnets.use(controls) as graphs:
             batch = len(start.x)
             hints, uncond_hints = control_hints(controls, graphs, batch)
-            denoise = GuidedDenoiser(
-                UNetModel.for_session(unet, self.manifest, plan),
-                Conditioning(cond, start.channels, hints),
-                None if uncond is None else Conditioning(uncond, start.channels, uncond_hints),
-                guidance,
-                max_batch=self.model.options.memory.unet_max_batch,
-            )
+            model = UNetModel.for_session(unet, self.manifest, plan)
+            cond_in = Conditioning(cond, start.channels, hints)
+            uncond_in = None if uncond is None else Conditioning(uncond, start.channels, uncond_hints)
+            max_batch = self.model.options.memory.unet_max_batch
+            denoise = GuidedDenoiser(model, cond_in, uncond_in, guidance, max_batch=max_batch)
+            height, width = start.x.shape[2:]
+            if tile is not None and max(height, width) > tile:
+                denoise = tiled(lambda rows, cols: GuidedDenoiser(
+                    model, cond_in.window(rows, cols), None if uncond_in is None else uncond_in.window(rows, cols),
+                    guidance, max_batch=max_batch), height, width, tile)
             if start.keep is not None:
                 denoise = start.keep.wrap(denoise)
             with tqdm(total=plan.steps, disable=not self.progress, unit="step", leave=False) as bar:

@@ -32,15 +32,16 @@ from typing import Collection, Mapping
 import numpy as np
 from PIL import Image
 
-from sdonnx.config import is_int, is_real
+from sdonnx.config import check_int, is_int, is_real
 from sdonnx.errors import InputError
 from sdonnx.runtime.images import default_size, open_image
 from sdonnx.runtime.manifest import TOKENIZERS, Manifest, text_encoders
 from sdonnx.runtime.masked import crop_region
 from sdonnx.runtime.memory import MemoryPolicy
-from sdonnx.runtime.prompts import tokenize_prompt
+from sdonnx.runtime.prompts import lora_tags, tokenize_prompt
 from sdonnx.runtime.starts import ImageInput, check_mode, default_strength, inpainting_unet
 from sdonnx.runtime.text import check_conditioning_fields, hidden_output
+from sdonnx.runtime.tiles import check_tile
 from sdonnx.runtime.tokenizer import ClipTokenizer
 
 UNET_BYTES_PER_PIXEL_CHANNEL = 172
@@ -83,6 +84,9 @@ def check_request(
     The returned request's config has every default resolved: steps and guidance from the model's
     recommended settings, strength from the mode.
     """
+    if manifest.upscaler is not None:
+        raise InputError("model", str(root), "a text-to-image model (this folder is an x4 upscaler: give it a "
+                         "low-res image with Pipeline.upscale or `sdonnx upscale`)")
     config = config.with_defaults(manifest.recommended)
     if config.hires_scale is not None and config.hires_strength is None:
         config = replace(config, hires_strength=HIRES_STRENGTH)
@@ -112,6 +116,76 @@ def check_request(
     runs = _runs(manifest, root, policy, config.batch, *(hires or (height, width)), available, loaded)
     _warn_far_from_native(manifest, height, width)
     return Request(config, height, width, opened, mask, inpainting, runs, hires=hires)
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    """An x4 upscale ready to run: the config (defaults resolved), the opened low-res image, the noise
+    level, the U-Net tile (None: whole) and the batch split into runs that fit in memory."""
+
+    config: object
+    image: Image.Image
+    noise_level: int
+    tile: int | None
+    runs: tuple[int, ...]
+    tokenizers: Mapping[str, ClipTokenizer] | None = None
+    rows: Mapping[str, Mapping[int, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+
+DEFAULT_NOISE_LEVEL = 20  # diffusers' StableDiffusionUpscalePipeline and the x4 model card's
+MIN_UPSCALE_SIDE = 8
+# GenerationConfig fields an upscale has no use for: its size is the image's times the VAE factor, it
+# always starts from noise, and no LoRA, ControlNet, hires pass or refiner belongs to the upscaler.
+_NOT_FOR_UPSCALE = ("height", "width", "strength", "hires_scale", "hires_strength", "hires_steps", "only_masked",
+                    "refiner_switch", "loras", "control")
+
+
+def check_upscale(
+    manifest: Manifest, root: Path, policy: MemoryPolicy, config, image: ImageInput, noise_level: object,
+    tile: object = None, *, tokenizers: Mapping[str, ClipTokenizer] | None = None, available: int | None = None,
+    loaded: Collection[str] = (),
+) -> UpscaleRequest:
+    """Check an x4 upscale against the model before any graph runs; InputError naming the field.
+
+    tile: the U-Net tile in latent pixels (= low-res image pixels), None: the memory policy's."""
+    if manifest.upscaler is None:
+        raise InputError("model", str(root), "an x4 upscaler folder (`sdonnx export` of a "
+                         "StableDiffusionUpscalePipeline folder); this model draws from text: use generate")
+    defaults = type(config)(config.prompt)
+    for name in _NOT_FOR_UPSCALE:
+        if getattr(config, name) != getattr(defaults, name):
+            raise InputError(name, getattr(config, name), f"{getattr(defaults, name)!r}: not used by an upscale "
+                             "(the size is the image's x the VAE factor; no LoRA, ControlNet, hires pass or refiner)")
+    if lora_tags(config.prompt):
+        raise InputError("prompt", config.prompt, "no <lora:...> tags (an upscale takes no LoRA)")
+    check_int("noise_level", noise_level, 0, manifest.upscaler.max_noise_level,
+              what=" (the upscaler's max_noise_level: levels above it were never trained)")
+    tile = policy.unet_tile if tile is None else check_tile(tile)
+    if image is None:
+        raise InputError("image", None, "the low-res image to upscale")
+    opened = open_image(image, "image")
+    f = manifest.vae_downsample
+    for name, side in (("height", opened.height), ("width", opened.width)):
+        if not MIN_UPSCALE_SIDE <= side <= MAX_SIDE // f:
+            raise InputError(f"image {name}", side, f"{MIN_UPSCALE_SIDE} to {MAX_SIDE // f} pixels (x{f}: at most "
+                             f"{MAX_SIDE} out)")
+    config = config.with_defaults(manifest.recommended)
+    _check_clip_skip(manifest, config.clip_skip)
+    check_conditioning_fields(manifest, config)
+    for tokenizer in (tokenizers if tokenizers is not None else folder_tokenizers(root, manifest)).values():
+        _check_prompts(tokenizer, config)
+    # The U-Net runs one tile at a time: the estimate's size is a tile's (the decode's own tiles aside).
+    height, width = (opened.height, opened.width) if tile is None else (min(opened.height, tile), min(opened.width, tile))
+    runs = _runs(manifest, root, policy, config.batch, height * f, width * f, available, loaded)
+    return UpscaleRequest(config, opened, int(noise_level), tile, runs, tokenizers)
 
 
 def folder_tokenizers(root: Path, manifest: Manifest) -> dict[str, ClipTokenizer]:

@@ -5,7 +5,9 @@ StableDiffusionInpaintPipeline start.
 img2img VAE-encodes the init image and noises it to the first sigma of the plan's tail that
 `strength` selects (`schedules.strength_tail`). Inpainting feeds a 9-channel U-Net the mask and the
 masked image's latents as extra channels (`denoiser.Conditioning.channels`) and keeps the init image
-outside the mask for a 4-channel one (`KeepUnmasked`).
+outside the mask for a 4-channel one (`KeepUnmasked`). The x4 upscaler starts from noise at the
+low-res image's size and feeds the U-Net that image, noised to a noise level, as extra channels
+(`upscale_start`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from PIL import Image
 
 from sdonnx.errors import InputError, ModelError
 from sdonnx.runtime.images import image_pixels, mask_pixels, open_image
-from sdonnx.runtime.manifest import Manifest
+from sdonnx.runtime.manifest import Manifest, Upscaler
 from sdonnx.runtime.noise import NoiseSource
 from sdonnx.runtime.samplers import Denoise
 from sdonnx.runtime.schedules import Plan
@@ -99,6 +101,20 @@ def initial_noise(shape: tuple[int, ...], rng: NoiseSource, latents: np.ndarray 
     if not np.isfinite(latents).all():
         raise InputError("latents", "an array with NaN/inf", "finite values")
     return latents.astype(np.float32)
+
+
+def upscale_start(
+    pixels: np.ndarray, upscaler: Upscaler, noise_level: int, *, shape: tuple[int, ...], plan: Plan,
+    rng: NoiseSource, latents: np.ndarray | None,
+) -> Start:
+    """The x4 upscaler's start: x [B, C, h, w] (`shape`, the low-res image's own size) from unit noise,
+    and the low-res image pixels [1, 3, h, w] in [-1, 1] noised to noise_level by the upscaler's
+    schedule as the U-Net's appended channels [B, 3, h, w] (diffusers' low_res_scheduler.add_noise,
+    in float32). Draws from `rng` in diffusers' order: each image's low-res noise, then its latents."""
+    alpha = np.float32(upscaler.noise_schedule.alphas_cumprod[noise_level])
+    noise = np.asarray(rng.standard_normal((shape[0], *pixels.shape[1:])), dtype=np.float32)
+    image = np.sqrt(alpha) * pixels.astype(np.float32) + np.sqrt(np.float32(1) - alpha) * noise
+    return Start(initial_noise(shape, rng, latents) * plan.noise_scale, channels=image)
 
 
 def start_latents(

@@ -30,11 +30,12 @@ def is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def check_int(field: str, value: object, low: int, high: int | None = None) -> None:
-    """InputError unless `value` is an integer in [low, high] (no upper bound when high is None)."""
+def check_int(field: str, value: object, low: int, high: int | None = None, *, what: str = "") -> None:
+    """InputError unless `value` is an integer in [low, high] (no upper bound when high is None);
+    `what` adds why to the message."""
     if not is_int(value) or value < low or (high is not None and value > high):
         expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-        raise InputError(field, value, expected)
+        raise InputError(field, value, expected + what)
 
 
 def check_real(field: str, value: object, low: float, high: float, *, what: str = "") -> None:

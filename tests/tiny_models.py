@@ -12,6 +12,11 @@ Both use SD's x8 VAE (four levels) and the real CLIP BPE vocabulary, saved as sa
   per-block heads (2, 4) and transformer_layers_per_block (1, 2), so the mid block has two transformer layers;
 - "sdxl_refiner": StableDiffusionXLImg2ImgPipeline: text_encoder_2 and tokenizer_2 only, cross-attention 40,
   5 time ids (aesthetic score), two transformer layers in every attention block.
+
+`build_tiny_upscaler` writes SD's x4 upscaler layout (StableDiffusionUpscalePipeline): a 7-channel U-Net
+(latents || the noised low-res image) with 1000 noise-level class embeddings, an x4 VAE (three levels,
+scaling 0.08333), a v-prediction DDIM scheduler and the DDPM low_res_scheduler, max_noise_level 350,
+as stabilityai/stable-diffusion-x4-upscaler's configs have them.
 """
 
 from __future__ import annotations
@@ -179,6 +184,67 @@ def build_tiny_sdxl(kind: str, out: Path, seed: int = 0) -> Path:
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return out
+
+
+def build_tiny_upscaler(out: Path, seed: int = 0) -> Path:
+    """Write a StableDiffusionUpscalePipeline folder (adds low_res_scheduler/ to SD's parts)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    hidden = 32
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        num_class_embeds=1000,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.08333,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=hidden,
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    )
+    common = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    scheduler = DDIMScheduler(prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, **common)
+    low_res_scheduler = DDPMScheduler(clip_sample=False, variance_type="fixed_small", **common)
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    low_res_scheduler.save_pretrained(out / "low_res_scheduler")
+    _write_tokenizer(out / "tokenizer", pad_token="!")
+    model_index = {
+        "_class_name": "StableDiffusionUpscalePipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "low_res_scheduler": ["diffusers", "DDPMScheduler"],
+        "max_noise_level": 350,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "watermarker": [None, None],
     }
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return out
