@@ -38,11 +38,15 @@ def folder_mb(folder: Path, part: str = "") -> float:
 
 def machine() -> str:
     """Cores, CPU model and the SIMD flags that decide ONNX Runtime's and PyTorch's kernels."""
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
-    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    fields = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    flags = fields.get("flags", "").split()
     simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{os.cpu_count()} cores, {model}, {' '.join(simd) or 'no AVX2'}"
+    # The model name of a virtual CPU is often generic ("Intel(R) Xeon(R) Processor"): family and model tell hosts apart.
+    return (f"{os.cpu_count()} cores, {fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}), {' '.join(simd) or 'no AVX2'}")
 
 
 def run_worker(command: list[str], job: dict, label: str) -> dict:

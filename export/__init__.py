@@ -76,6 +76,9 @@ class ExportConfig:
     loras: tuple[tuple[str, float], ...] = ()
     # Export the source's safety checker when it has one (runtime/safety.py); False leaves it out.
     safety_checker: bool = True
+    # Feature caching (runtime/denoiser.py): the U-Net's deep_feature output and the shallow graph
+    # unet_shallow/. Off by default, so that the folder keeps optimum's layout and IO exactly.
+    feature_cache: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", str(self.source))
@@ -190,12 +193,12 @@ def _export_and_check(
 
     trace, probe = graphs.probes(source, config.static_shape)
     checks, weights = {}, {}
-    names = graphs.graph_names(source)
+    names = graphs.graph_names(source, feature_cache=config.feature_cache)
     for i, name in enumerate(names):
         started = time.perf_counter()
         say.part(f"{name}: exporting…")
         graph = graphs.build_graph(name, source, trace, probe, static=config.static_shape is not None,
-                                   attention=config.attention)
+                                   attention=config.attention, feature_cache=config.feature_cache)
         cases = graph.cases()
         path = folder / name / "model.onnx"
         graphs.export_graph(graph, path, opset=config.opset)

@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="the same for guidance (SDXL-Turbo: --recommended-steps 4 --recommended-guidance 0)")
     parser.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", default=None,
                         help="leave out the source's safety checker (exported when the source has one)")
+    parser.add_argument("--feature-cache", action="store_true", default=None,
+                        help="also write unet_shallow/ and the U-Net's deep_feature output, so that generate "
+                        "--cache-interval N can skip the deep U-Net on N-1 of every N steps (DeepCache)"),
     parser.set_defaults(func=run)
 
 

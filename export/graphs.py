@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +27,9 @@ from sdonnx.export.source import SourceModel
 from sdonnx.runtime.manifest import TensorSpec
 from sdonnx.runtime.prompts import CLIP_SKIP_OUTPUT
 
-# The U-Net last, so that it is alone in memory; text_encoder_2 (SDXL's 2.8 GB OpenCLIP bigG) just before it.
-ORDER = ("text_encoder", "vae_encoder", "vae_decoder", "text_encoder_2", "unet")
+# The U-Net last, so that it is alone in memory; text_encoder_2 (SDXL's 2.8 GB OpenCLIP bigG) before it, and the
+# shallow U-Net (its own few layers) just before it.
+ORDER = ("text_encoder", "vae_encoder", "vae_decoder", "text_encoder_2", "unet_shallow", "unet")
 EXTERNAL_DATA_NAME = "model.onnx_data"
 SEQUENCE = "sequence_length"  # the one axis a static shape leaves dynamic: long prompts are 77-token chunks
 _EXTERNAL_DATA_ALIGNMENT = 1 << 16  # Windows' allocation granularity (a page multiple): ORT can mmap aligned tensors
@@ -38,8 +39,11 @@ _COPY_CHUNK = 1 << 24
 # deeper layers only degrade SD images. A1111's slider goes to 12: those need a re-export with a larger value.
 MAX_CLIP_SKIP = 4
 # The SourceModel field each graph needs: a module is released after the last graph that uses it.
-_OWNER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "vae_encoder": "vae",
-          "vae_decoder": "vae"}
+_OWNER = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2", "unet": "unet", "unet_shallow": "unet",
+          "vae_encoder": "vae", "vae_decoder": "vae"}
+# Feature caching (DeepCache, Ma et al. 2024): the U-Net's extra output, the features entering its last up block's
+# last layer; the shallow graph takes them back and computes only that layer and the first convolution.
+DEEP_FEATURE = "deep_feature"
 # SDXL's encoder outputs, as optimum names them: .0 the embeddings, .N the last layer (no final layer norm).
 HIDDEN_STATES_OUTPUT = "hidden_states.{}"
 # ControlNet residuals: outputs of a ControlNet graph and optional inputs of every U-Net graph, as
@@ -226,13 +230,14 @@ class _SdxlTextEncoder(_Wrapper):
 class _UNet(_Wrapper):
     """SD's U-Net; the x4 upscaler's also takes class_labels int64 [B] (the low-res image's noise level);
     with SDXL's text_time conditioning also text_embeds [B, projection] and time_ids [B, 5 | 6];
-    then the ControlNet residuals, optional (zeros when not fed)."""
+    then the ControlNet residuals, optional (zeros when not fed). With deep_feature (`--feature-cache`)
+    it returns, besides out_sample, the deep_feature the shallow graph (`_UNetShallow`) takes."""
 
-    output_names = ("out_sample",)
-
-    def __init__(self, source: SourceModel, controlnet: bool = True):
+    def __init__(self, source: SourceModel, controlnet: bool = True, deep_feature: bool = False):
         super().__init__()
         self.unet = source.unet
+        self.deep_feature = deep_feature
+        self.output_names = ("out_sample", DEEP_FEATURE) if deep_feature else ("out_sample",)
         self.num_train_timesteps = int(source.scheduler_config.get("num_train_timesteps", 1000))
         self.text_time = source.text_time
         self.max_noise_level = source.upscaler.max_noise_level if source.upscaler is not None else None
@@ -246,7 +251,8 @@ class _UNet(_Wrapper):
                              **{name: {0: "batch_size"} for name in extra},
                              **{r.name: {0: f"{r.name}_batch", 2: f"{r.name}_height", 3: f"{r.name}_width"}
                                 for r in self.residuals},
-                             "out_sample": {0: "batch_size", 2: "height", 3: "width"}}
+                             "out_sample": {0: "batch_size", 2: "height", 3: "width"},
+                             **({DEEP_FEATURE: {0: "batch_size", 2: "height", 3: "width"}} if deep_feature else {})}
 
     @property
     def optional(self) -> dict[str, int]:
@@ -277,10 +283,82 @@ class _UNet(_Wrapper):
         if fed and len(fed) != len(self.residuals):
             raise ExportError(f"unet: ControlNet residuals {fed} given without the others")
         down = tuple(given[r.name] for r in self.residuals[:-1]) if fed else None
-        return (self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"],
-                          class_labels=given.get("class_labels"), added_cond_kwargs=added,
-                          down_block_additional_residuals=down, mid_block_additional_residual=given.get(MID_RESIDUAL),
-                          return_dict=False)[0],)
+        with deep_feature_of(self.unet) if self.deep_feature else nullcontext([]) as captured:
+            out = self.unet(given["sample"], given["timestep"], given["encoder_hidden_states"],
+                            class_labels=given.get("class_labels"), added_cond_kwargs=added,
+                            down_block_additional_residuals=down, mid_block_additional_residual=given.get(MID_RESIDUAL),
+                            return_dict=False)[0]
+        return (out, captured[0]) if self.deep_feature else (out,)
+
+
+@contextmanager
+def deep_feature_of(unet: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While the U-Net runs, the features entering its last up block's last resnet (its input less the
+    skip connection from conv_in), collected into the yielded list."""
+    captured: list[torch.Tensor] = []
+    skip = unet.conv_in.out_channels
+
+    def grab(module, args):
+        captured.append(args[0][:, : args[0].shape[1] - skip])
+
+    handle = unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(grab)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class _UNetShallow(_Wrapper):
+    """The U-Net's shallow path for cached steps: the time (and class, SDXL) embeddings, conv_in, then the
+    last up block's last layer on deep_feature || conv_in's output, and the output convolution. With the
+    deep_feature of the same inputs, it is the U-Net's output exactly (tests/test_deep_cache.py)."""
+
+    output_names = ("out_sample",)
+
+    def __init__(self, source: SourceModel):
+        super().__init__()
+        self.unet = source.unet
+        self.full = _UNet(source, controlnet=False)
+        block = self.unet.up_blocks[-1]
+        if getattr(block, "upsamplers", None) or len(block.resnets) < 2:
+            raise ExportError("unet: the last up block upsamples or has one layer; the shallow graph needs neither")
+        self.attention = block.attentions[-1] if getattr(block, "attentions", None) else None
+        # Without attention in that layer the text is not used, and the graph does not take it.
+        unused = () if self.attention is not None else ("encoder_hidden_states",)
+        self.input_names = (*(n for n in self.full.input_names if n not in unused), DEEP_FEATURE)
+        self.deep_channels = block.resnets[-1].in_channels - self.unet.conv_in.out_channels
+        spatial = {0: "batch_size", 2: "height", 3: "width"}
+        self.dynamic_axes = {**{k: v for k, v in self.full.dynamic_axes.items() if k in self.input_names},
+                             DEEP_FEATURE: spatial, "out_sample": spatial}
+
+    def example(self, probe, generator):
+        inputs = dict(zip(self.full.input_names, self.full.example(probe, generator)))
+        deep = torch.randn((2 * probe.batch, self.deep_channels, *probe.latent_size), generator=generator)
+        return (*(inputs[n] for n in self.input_names[:-1]), deep)
+
+    def forward(self, *inputs, **named):
+        given = dict(zip(self.input_names, inputs)) | named
+        unet, sample = self.unet, given["sample"]
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=given["timestep"]), None)
+        class_emb = unet.get_class_embed(sample=sample, class_labels=given.get("class_labels"))
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        added = {k: given[k] for k in ("text_embeds", "time_ids") if k in given}
+        context = given.get("encoder_hidden_states")
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)
+        emb = emb if aug is None else emb + aug
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        context = unet.process_encoder_hidden_states(encoder_hidden_states=context, added_cond_kwargs=added)
+        block = unet.up_blocks[-1]
+        hidden = block.resnets[-1](torch.cat([given[DEEP_FEATURE], unet.conv_in(sample)], dim=1), emb)
+        if self.attention is not None:
+            hidden = self.attention(hidden, encoder_hidden_states=context, return_dict=False)[0]
+        if unet.conv_norm_out is not None:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return (unet.conv_out(hidden),)
 
 
 class _Vae(_Wrapper):
@@ -326,21 +404,23 @@ class _VaeDecoder(_Vae):
 
 
 _WRAPPERS = {"text_encoder": _TextEncoder, "text_encoder_2": _SdxlTextEncoder, "unet": _UNet,
-             "vae_encoder": _VaeEncoder, "vae_decoder": _VaeDecoder}
+             "unet_shallow": _UNetShallow, "vae_encoder": _VaeEncoder, "vae_decoder": _VaeDecoder}
 
 
-def graph_names(source: SourceModel) -> tuple[str, ...]:
-    """The graphs this source exports, in export order: ORDER without the text encoders it lacks."""
-    return tuple(name for name in ORDER if getattr(source, _OWNER[name]) is not None)
+def graph_names(source: SourceModel, *, feature_cache: bool = False) -> tuple[str, ...]:
+    """The graphs this source exports, in export order: ORDER without the text encoders it lacks (and
+    without unet_shallow unless feature_cache)."""
+    return tuple(name for name in ORDER if getattr(source, _OWNER[name]) is not None
+                 and (feature_cache or name != "unet_shallow"))
 
 
-def _wrapper(name: str, source: SourceModel, static: bool) -> _Wrapper:
+def _wrapper(name: str, source: SourceModel, static: bool, feature_cache: bool) -> _Wrapper:
     if name in ("text_encoder", "text_encoder_2") and source.sdxl:
         return _SdxlTextEncoder(source, name)
     if name == "unet":
         # A fixed-shape input cannot default to [1, C, 1, 1], and dynamic ones in a static graph would
         # leave every later shape unknown: a static U-Net takes no ControlNet residuals.
-        return _UNet(source, controlnet=not static)
+        return _UNet(source, controlnet=not static, deep_feature=feature_cache)
     return _WRAPPERS[name](source)
 
 
@@ -374,7 +454,7 @@ def text_max_length(source: SourceModel) -> int:
 
 
 def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, static: bool, seed: int = 0,
-                attention: str = "full") -> Graph:
+                attention: str = "full", feature_cache: bool = False) -> Graph:
     """The named graph's wrapper and seeded example inputs. Shapes (B = image batch, L = latent side):
 
     text_encoder  input_ids int64 [B, T] -> last_hidden_state [B, T, D], pooler_output [B, D]
@@ -392,8 +472,8 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     """
     if name not in _WRAPPERS:
         raise ValueError(f"graph: got {name!r}, expected one of {ORDER}")
-    module = _wrapper(name, source, static).eval()
-    if name == "unet":
+    module = _wrapper(name, source, static, feature_cache).eval()
+    if name in ("unet", "unet_shallow"):
         set_attention(module.unet, attention)
     axes = module.dynamic_axes
     optional = getattr(module, "optional", {})

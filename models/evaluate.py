@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[Score]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-interval", metavar="LOW,HIGH", default=None, help="sigmas where CFG applies")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cache-interval", type=int, default=1,
+                        help="feature caching (a folder exported with --feature-cache)")
     parser.add_argument("--lora", action="append", dest="lora_specs", metavar="FILE:WEIGHT",
                         help="apply this LoRA to every image (repeatable)")
     parser.add_argument("--out", type=Path, default=None, help="write the scores as JSON here")
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> list[Score]:
     settings = {"guidance_interval": parse_interval(args.guidance_interval)} if args.guidance_interval else {}
     if args.lora_specs:
         settings["loras"] = tuple(parse_lora(spec) for spec in args.lora_specs)
+    if args.cache_interval != 1:
+        settings["cache_interval"] = args.cache_interval
     scores = []
     for name in samplers:
         scores.append(score(pipe, name, prompts=args.prompts, steps=args.steps, guidance=args.guidance,

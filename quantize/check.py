@@ -57,12 +57,19 @@ def check_feeds(root: Path, manifest: Manifest, seed: int = 0) -> dict[str, list
     if pooled is not None:
         conditioning["text_embeds"] = pooled.astype(np.float32)
         conditioning["time_ids"] = np.array(time_ids(m, GenerationConfig("", batch=2), pixels, pixels))
+    if m.upscaler is not None:
+        conditioning["class_labels"] = np.full(2, 20, dtype=np.int64)  # the x4 upscaler's noise level
     unet = m.graphs["unet"]
     sample = rng.standard_normal((2, m.unet_in_channels, side, side)).astype(np.float32)
     feeds["unet"] = [
         {"sample": sample, "timestep": timestep_input(unet.input("timestep"), t, 2), **conditioning}
         for t in CHECK_TIMESTEPS
     ]
+    if "unet_shallow" in m.graphs:  # a deep_feature of the declared width, as the U-Net's last layers see
+        shallow = m.graphs["unet_shallow"]
+        deep = rng.standard_normal((2, shallow.input("deep_feature").shape[1], side, side)).astype(np.float32)
+        feeds["unet_shallow"] = [{k: v for k, v in feed.items() if shallow.input(k) is not None} | {"deep_feature": deep}
+                                 for feed in feeds["unet"]]
     feeds["vae_decoder"] = [
         {"latent_sample": rng.standard_normal((1, m.latent_channels, side, side)).astype(np.float32)
          / np.float32(m.vae_scaling_factor)}

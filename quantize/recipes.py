@@ -34,8 +34,12 @@ RECIPES: dict[str, Mapping[str, str]] = {
     # vs int8's 43.6), at 1.31x smaller instead of 3.99x (convolutions hold 73% of the weights).
     "mixed": {"text_encoder": "int8", "unet": "int8-matmul", "vae_encoder": "fp32", "vae_decoder": "fp32"},
 }
-# SDXL's second text encoder is a CLIP text model like the first, and gets the same precision.
-RECIPES = {name: {**recipe, "text_encoder_2": recipe["text_encoder"]} for name, recipe in RECIPES.items()}
+# SDXL's second text encoder is a CLIP text model like the first, and gets the same precision; the shallow
+# U-Net (feature caching) the U-Net's, dynamic where the U-Net's is static (it has no calibration data).
+_NO_CALIBRATION = {"int8-static": "int8", "int8-static-a16": "int8"}
+RECIPES = {name: {**recipe, "text_encoder_2": recipe["text_encoder"],
+                  "unet_shallow": _NO_CALIBRATION.get(recipe["unet"], recipe["unet"])}
+           for name, recipe in RECIPES.items()}
 # The default, for CPU laptops: no calibration run, and on SD 1.5 at 256 px (2 cores, AVX-512 VNNI;
 # benchmarks/results/quantize-sd15.md) it is smaller (822 vs 2507 MB), faster per U-Net call (0.74 vs
 # 0.79 s) and lighter (1.99 vs 3.80 GB peak RSS) than mixed, and keeps the embedded model's judge

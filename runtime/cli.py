@@ -189,6 +189,9 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         "or numpy (default torch)",
     )
     parser.add_argument("--clip-skip", type=int, help="text encoder layer from the end, as A1111 counts (default 1)")
+    parser.add_argument("--cache-interval", type=int, metavar="N",
+                        help="feature caching (DeepCache): the whole U-Net every N steps, its shallow graph between; "
+                        "needs a folder exported with --feature-cache (default 1: off)")
 
 
 def add_preview_flags(parser: argparse.ArgumentParser) -> None:

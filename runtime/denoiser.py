@@ -14,6 +14,14 @@ Two small pieces make that call:
 - `GuidedDenoiser` is classifier-free guidance around it: the uncond || cond batch, the scale,
   guidance rescale, the sigma interval where guidance applies, and at most how many images go
   into one U-Net run (the memory policy's choice).
+
+Feature caching (DeepCache, Ma et al., CVPR 2024): adjacent steps' deep U-Net features barely
+change, so with `cache_interval` N the whole U-Net runs on steps 0, N, 2N, ... and returns, besides
+its output, the features entering its last up block's last layer (deep_feature); the steps between
+run only the shallow graph (export/graphs.py `_UNetShallow`: conv_in, that last layer, the output
+convolution) on the last deep_feature. The GuidedDenoiser keeps those features, one per batch part
+it runs (CFG pair or cond alone, low memory's halves), for its one sampler run; the adapter runs
+whichever graph it is given features for.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ TIMESTEP_DTYPES = ("float32", "float16", "int64", "int32")
 LCM_SIGMA_DATA = 0.5
 MAX_GUIDANCE = 50.0  # A1111's slider stops at 30; far beyond, the guided output is noise
 UNET_OUTPUT = "out_sample"
+DEEP_FEATURE = "deep_feature"
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,11 @@ class UNetModel:
     timestep_spec: TensorSpec
     plan: Plan | None = None
     input_dtypes: Mapping[str, str] = field(default_factory=dict)
+    # Feature caching: the whole U-Net with its deep_feature, (**feeds) -> (output, deep_feature), and the
+    # shallow graph, (**feeds, deep_feature=) -> output, with its declared input dtypes; None without.
+    features: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None
+    shallow: UNet | None = None
+    shallow_inputs: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -126,15 +140,28 @@ class UNetModel:
             )
 
     @classmethod
-    def for_session(cls, unet: Session, manifest: Manifest, plan: Plan) -> UNetModel:
-        """The adapter of a loaded U-Net session under `manifest`'s facts."""
+    def for_session(cls, unet: Session, manifest: Manifest, plan: Plan, shallow: Session | None = None) -> UNetModel:
+        """The adapter of a loaded U-Net session under `manifest`'s facts; with the shallow graph's
+        session, able to cache features (the U-Net must then output deep_feature)."""
 
         def run(**feeds: np.ndarray) -> np.ndarray:
             return unet.run(**feeds)[UNET_OUTPUT]
 
+        def with_features(**feeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            outputs = unet.run(**feeds)
+            return outputs[UNET_OUTPUT], outputs[DEEP_FEATURE]
+
         dtypes = {spec.name: spec.dtype for spec in (*unet.inputs, *unet.optional)}
+        cached = {}
+        if shallow is not None:
+            if unet.output(DEEP_FEATURE) is None:
+                raise ModelError(f"{unet.path}: the U-Net has no {DEEP_FEATURE!r} output, which feature caching needs "
+                                 "(re-export the model with `sdonnx export`)")
+            cached = dict(features=with_features, shallow=lambda **feeds: shallow.run(**feeds)[UNET_OUTPUT],
+                          shallow_inputs={spec.name: spec.dtype for spec in shallow.inputs})
         return cls(
-            run, manifest.schedule, manifest.prediction_type, unet.input("sample"), unet.input("timestep"), plan, dtypes
+            run, manifest.schedule, manifest.prediction_type, unet.input("sample"), unet.input("timestep"), plan, dtypes,
+            **cached,
         )
 
     @property
@@ -154,6 +181,26 @@ class UNetModel:
         The ControlNets acting at this step see the scaled sample without the appended channels
         (an inpainting U-Net's), as diffusers' ControlNet pipelines feed them.
         """
+        return np.asarray(self.unet(**self._feeds(x, sigma, cond)), dtype=np.float32)
+
+    def predict_cached(self, x: np.ndarray, sigma: float, cond: Conditioning, feature: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """`predict` under feature caching -> (output float32, deep_feature): with `feature` (an earlier
+        step's deep_feature for this batch part) the shallow graph alone, which gives it back; without,
+        the whole U-Net, whose deep_feature this step makes."""
+        if self.features is None or self.shallow is None:
+            raise ModelError("feature caching: this U-Net adapter was made without the shallow graph")
+        feeds = self._feeds(x, sigma, cond)
+        if feature is None:
+            out, feature = self.features(**feeds)
+        else:
+            wanted = self.shallow_inputs
+            feeds = {k: v.astype(wanted[k], copy=False) for k, v in feeds.items() if k in wanted}
+            out = self.shallow(**feeds, deep_feature=feature.astype(wanted[DEEP_FEATURE], copy=False))
+        return np.asarray(out, dtype=np.float32), feature
+
+    def _feeds(self, x: np.ndarray, sigma: float, cond: Conditioning) -> dict[str, np.ndarray]:
+        """The U-Net's inputs for x [B, C, h, w] at sigma under `cond`."""
         scaled = x * (1 / math.sqrt(sigma**2 + 1))
         sample = scaled.astype(self.sample_spec.dtype, copy=False)
         if cond.channels is not None:
@@ -162,11 +209,12 @@ class UNetModel:
         timestep = timestep_input(self.timestep_spec, t, len(sample))
         feeds = dict(cond.inputs)
         if cond.controls:
-            residuals = control_residuals(cond.controls, scaled, t, cond.inputs, self._step(sigma), self._steps)
+            residuals = control_residuals(cond.controls, scaled, t, cond.inputs, self.step(sigma), self._steps)
             feeds |= {k: v.astype(self.input_dtypes.get(k, v.dtype), copy=False) for k, v in residuals.items()}
-        return np.asarray(self.unet(sample=sample, timestep=timestep, **feeds), dtype=np.float32)
+        return {"sample": sample, "timestep": timestep, **feeds}
 
-    def _step(self, sigma: float) -> int:
+    def step(self, sigma: float) -> int:
+        """The plan's step whose interval holds `sigma` (0 without a plan)."""
         return self.plan.step_at(sigma) if self.plan is not None else 0
 
     @property
@@ -251,6 +299,8 @@ class GuidedDenoiser:
     cond / uncond: Conditionings of batch B (uncond may be None when guidance is off). Guided steps
     run the U-Net on uncond || cond. max_batch: at most this many images per U-Net run (the memory
     policy's unet_max_batch); None, or a graph with a fixed batch, runs the whole batch at once.
+    cache_interval: feature caching (module docstring); > 1 needs a model made with the shallow graph.
+    One instance serves one sampler run: it holds that run's cached features.
     """
 
     model: UNetModel
@@ -258,8 +308,13 @@ class GuidedDenoiser:
     uncond: Conditioning | None = None
     guidance: Guidance = field(default_factory=Guidance)
     max_batch: int | None = None
+    cache_interval: int = 1
+    # (guided, part) -> the deep_feature of the last whole U-Net run on that batch part
+    _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.cache_interval > 1 and self.model.shallow is None:
+            raise InputError("cache_interval", self.cache_interval, "1, or a U-Net adapter with the shallow graph")
         if self.guidance.enabled:
             if self.uncond is None:
                 raise InputError("uncond", None, "unconditional inputs when guidance > 1")
@@ -279,18 +334,27 @@ class GuidedDenoiser:
         if batch != len(self.cond):
             raise InputError("cond", f"batch {len(self.cond)}", f"batch {batch}, the latents' batch")
         if self.guidance.applies_at(sigma):
-            out = self._predict(np.concatenate([x, x]), sigma, self._pair)
+            out = self._predict(np.concatenate([x, x]), sigma, self._pair, guided=True)
             out = self.guidance.combine(out[:batch], out[batch:])
         else:
-            out = self._predict(x, sigma, self._cond)
+            out = self._predict(x, sigma, self._cond, guided=False)
         return self.model.denoised(x, sigma, out)
 
-    def _predict(self, x: np.ndarray, sigma: float, cond: Conditioning) -> np.ndarray:
+    def _predict(self, x: np.ndarray, sigma: float, cond: Conditioning, *, guided: bool) -> np.ndarray:
         size = len(x) if self.max_batch is None or self.model.fixed_batch else self.max_batch
         if size >= len(x):  # one run: no slicing of the conditioning on the per-step path
-            return self.model.predict(x, sigma, cond)
-        outputs = [self.model.predict(x[i : i + size], sigma, cond.part(i, i + size)) for i in range(0, len(x), size)]
+            return self._run(x, sigma, cond, (guided, 0))
+        outputs = [self._run(x[i : i + size], sigma, cond.part(i, i + size), (guided, i)) for i in range(0, len(x), size)]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+    def _run(self, x: np.ndarray, sigma: float, cond: Conditioning, part: tuple[bool, int]) -> np.ndarray:
+        """One U-Net run on a batch part; under feature caching, the whole U-Net on every
+        cache_interval-th step (and whenever this part has no features yet), the shallow graph between."""
+        if self.cache_interval == 1:
+            return self.model.predict(x, sigma, cond)
+        whole = self.model.step(sigma) % self.cache_interval == 0
+        out, self._features[part] = self.model.predict_cached(x, sigma, cond, None if whole else self._features.get(part))
+        return out
 
 
 def check_guidance_interval(interval: object) -> None:

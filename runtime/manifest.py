@@ -22,7 +22,7 @@ from sdonnx.runtime.weights import WeightRef, read_map
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "unet_shallow", "vae_encoder", "vae_decoder")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # in the order their hidden states are concatenated
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}  # the folder feeding each
 TEXT_HIDDEN_STATES = ("final", "penultimate")

@@ -62,6 +62,7 @@ _NUMBERS = (  # (key, GenerationConfig field, type)
     ("Denoising strength", "strength", float),
     ("Clip skip", "clip_skip", int),
     ("Guidance rescale", "guidance_rescale", float),
+    ("Cache interval", "cache_interval", int),
     ("Refiner switch at", "refiner_switch", float),
     ("Hires upscale", "hires_scale", float),
     ("Hires steps", "hires_steps", int),
@@ -105,6 +106,7 @@ def format_parameters(
         "Clip skip": config.clip_skip if config.clip_skip != 1 else None,
         "RNG": RNG_NAMES[config.rng],
         "Guidance rescale": _number(config.guidance_rescale) if config.guidance_rescale else None,
+        "Cache interval": config.cache_interval if config.cache_interval != 1 else None,
         "Guidance interval": ",".join(str(_number(v)) for v in config.guidance_interval)
         if config.guidance_interval else None,
         "Refiner": f"{refiner.root.name} [{model_hash(refiner)}]" if refiner is not None else None,

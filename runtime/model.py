@@ -43,10 +43,14 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "text_encoder": (("input_ids",), ("last_hidden_state",)),
     "text_encoder_2": (("input_ids",), ("last_hidden_state",)),
     "unet": (("sample", "timestep", "encoder_hidden_states"), ("out_sample",)),
+    # Feature caching's shallow U-Net (denoiser.py): the U-Net's inputs (the text only where its last layer
+    # attends to it) and the deep_feature of a full step.
+    "unet_shallow": (("sample", "timestep", "deep_feature"), ("out_sample",)),
     "vae_encoder": (("sample",), ("latent_parameters", "latent_sample")),
     "vae_decoder": (("latent_sample",), ("sample",)),
 }
 UPSCALER_INPUT = "class_labels"  # the x4 upscaler's noise level
+LAZY = ("unet_shallow",)  # opened on first use only: most requests never run it
 # transformers writes a huge sentinel (int(1e30)) when a tokenizer declares no length limit.
 _NO_LIMIT = 1_000_000
 _DEFAULT_MAX_LENGTH = 77
@@ -59,8 +63,10 @@ class Sessions(Mapping[str, Session]):
     closed when the step ends, so its memory goes back, and the next use opens it again.
     """
 
-    def __init__(self, components: Sequence[str], opener: Callable[..., Session], policy: MemoryPolicy):
+    def __init__(self, components: Sequence[str], opener: Callable[..., Session], policy: MemoryPolicy,
+                 lazy: Sequence[str] = ()):
         self._components = tuple(components)
+        self._lazy = tuple(lazy)  # opened on first use, not by preload
         self._open = opener  # opener(component, initializers) -> Session
         self._opened: dict[str, Session] = {}
         self._weights: dict[str, Mapping[str, np.ndarray]] = {}
@@ -106,6 +112,8 @@ class Sessions(Mapping[str, Session]):
         """Open (and so check) every graph now unless the policy opens them on use: errors surface
         at load, not mid-run."""
         for component in self._components:
+            if component in self._lazy:
+                continue
             if self.policy.release_sessions:
                 self.release(component)
             else:
@@ -190,7 +198,7 @@ class ModelFolder:
                 _check_io(session, manifest)
             return session
 
-        sessions = Sessions(wanted, open_session, options.memory)
+        sessions = Sessions(wanted, open_session, options.memory, lazy=LAZY)
         if derived:
             graphs = {}
             for c in wanted:
@@ -349,11 +357,14 @@ def _check_against_spec(session: Session, spec: GraphSpec) -> None:
 def _check_io(session: Session, manifest: Manifest) -> None:
     """The graph must take exactly the inputs this runtime feeds and agree with the manifest's facts."""
     inputs, outputs = GRAPH_IO[session.name]
-    if session.name == "unet" and manifest.pooled_text_encoder is not None:
+    unet = session.name in ("unet", "unet_shallow")
+    if unet and manifest.pooled_text_encoder is not None:
         inputs = (*inputs, *POOLED_INPUTS)
-    if session.name == "unet" and manifest.upscaler is not None:
+    if unet and manifest.upscaler is not None:
         inputs = (*inputs, UPSCALER_INPUT)
     names = [t.name for t in session.inputs]
+    if session.name == "unet_shallow" and "encoder_hidden_states" in names:
+        inputs = (*inputs, "encoder_hidden_states")
     if sorted(names) != sorted(inputs):
         raise ModelError(f"{session.path}: inputs of {session.name!r}: expected {list(inputs)}, graph has {names}")
     if not any(o in session.output_names for o in outputs):
@@ -390,6 +401,7 @@ def _expected_dims(component: str, m: Manifest) -> list[tuple[str, int, str, int
             ("sample", 1, "unet_in_channels", m.unet_in_channels),
             ("encoder_hidden_states", -1, "cross_attention_dim", m.cross_attention_dim),
         ],
+        "unet_shallow": [("sample", 1, "unet_in_channels", m.unet_in_channels)],
         "vae_decoder": [("latent_sample", 1, "latent_channels", m.latent_channels)],
         "vae_encoder": [],
     }[component]

@@ -19,7 +19,7 @@ the images of the step's x0 estimate (previews.py), computed only if the callbac
 from __future__ import annotations
 
 import secrets
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -69,6 +69,7 @@ MAX_SEED = 2**64 - 1  # what torch.manual_seed accepts, so seeds carry over to a
 HIRES_UPSCALERS = ("latent", "latent-nearest", "lanczos")
 MAX_PADDING = 256  # A1111's slider
 MAX_HIRES_SCALE = 4
+MAX_CACHE_INTERVAL = 10  # DeepCache's paper goes to 20 on DDIM's 100 steps; at 20-50 steps, past 5 images blur
 SIZE_MULTIPLE = 8  # the SD VAE's downsample factor; the pipeline re-checks against the model's own
 
 StepCallback = Callable[..., "bool | None"]  # (step, sigma, latents[, preview]) -> False to stop
@@ -135,6 +136,9 @@ class GenerationConfig:
     loras: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
     # ControlNets steering this request (controlnet.py Control): one, or a sequence whose residuals add up.
     control: Control | tuple[Control, ...] = ()
+    # Feature caching (DeepCache, denoiser.py): run the whole U-Net every cache_interval steps and only its
+    # shallow graph between, on the deep features of the last whole run. 1: every step whole (off).
+    cache_interval: int = 1
 
     def __post_init__(self):
         for name in ("prompt", "negative_prompt"):
@@ -169,7 +173,8 @@ class GenerationConfig:
         check_int("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
         object.__setattr__(self, "loras", _loras(self.loras))
         object.__setattr__(self, "control", _controls(self.control))
-        lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
+        tags = lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
+        _check_cache_interval(self, bool(tags))
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -201,6 +206,18 @@ def _check_hires(config: GenerationConfig) -> None:
         check_real("hires_strength", config.hires_strength, 0, 1)
     if config.hires_steps is not None:
         check_int("hires_steps", config.hires_steps, 1, sampler_info(config.sampler).max_steps or MAX_STEPS)
+
+
+def _check_cache_interval(config: GenerationConfig, tagged: bool) -> None:
+    """1 to MAX_CACHE_INTERVAL, and above 1 only without LoRAs and ControlNets: the shallow graph has no
+    LoRA weight map yet, and ControlNet residuals would reach the whole runs only."""
+    check_int("cache_interval", config.cache_interval, 1, MAX_CACHE_INTERVAL)
+    if config.cache_interval > 1 and (config.loras or tagged):
+        raise InputError("cache_interval", config.cache_interval, "1 with LoRAs (feature caching and LoRAs do not "
+                         "mix yet: the shallow U-Net graph would run without them)")
+    if config.cache_interval > 1 and config.control:
+        raise InputError("cache_interval", config.cache_interval, "1 with ControlNets (their residuals would "
+                         "reach only the steps that run the whole U-Net)")
 
 
 def _loras(value: object) -> tuple[tuple[str, float], ...]:
@@ -296,7 +313,8 @@ class Pipeline:
                 raise InputError(name, str(folder), "an existing folder")
         if safety_checker is not None:
             check_bool("safety_checker", safety_checker)
-        model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options, optional=("vae_encoder",))
+        model = ModelFolder.load(EMBEDDED_MODEL if path is None else path, options,
+                                 optional=("vae_encoder", "unet_shallow"))
         def chosen(folder: Path | str | None, field: str) -> Vae | None:
             if folder is None:
                 return None
@@ -441,7 +459,8 @@ class Pipeline:
                               shape=(config.batch, m.latent_channels, height, width), plan=plan, rng=rng,
                               latents=latents)
         latent = self._denoise(start, cond | labels, None if uncond is None else uncond | labels, plan,
-                               config.guidance_settings, rng, watch, tile=request.tile)
+                               config.guidance_settings, rng, watch, tile=request.tile,
+                               cache_interval=config.cache_interval)
         return self._decode(latent)
 
     def check(
@@ -586,7 +605,8 @@ class Pipeline:
             init, config.strength, shape=shape, plan=plan, rng=rng, latents=latents,
             encode=lambda pixels: self._encode(pixels, rng, config.batch), inpainting=request.inpainting, factor=f,
         )
-        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, watch, request.controls)
+        latent = self._denoise(start, cond, uncond, plan, config.guidance_settings, rng, watch, request.controls,
+                               cache_interval=config.cache_interval)
         if refiner is not None:
             return refiner._refine(config, request, latent, tail, rng, watch)
         if request.hires is not None:
@@ -639,7 +659,8 @@ class Pipeline:
         x = latent + float(plan.sigmas[0]) * initial_noise(latent.shape, rng, None)
         cond, uncond = conditioning(self.model.sessions.use, request.tokenizers or self.tokenizers, m, config,
                                     height, width)
-        return self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch)
+        return self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch,
+                             cache_interval=config.cache_interval)
 
     def _refine(
         self, config: GenerationConfig, request: Request, x: np.ndarray, plan: Plan, rng: NoiseSource,
@@ -650,7 +671,8 @@ class Pipeline:
         m = self.manifest
         config = _without_loras(config).with_defaults(m.recommended)
         cond, uncond = conditioning(self.model.sessions.use, self.tokenizers, m, config, request.height, request.width)
-        latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch)
+        latent = self._denoise(Start(x), cond, uncond, plan, config.guidance_settings, rng, watch,
+                               cache_interval=config.cache_interval)
         return self._decode(latent)
 
     def _watcher(self, callback: StepCallback | None, previews: bool) -> Watch | None:
@@ -721,27 +743,35 @@ class Pipeline:
         watch: Watch | None,
         controls: tuple[ControlRequest, ...] = (),
         tile: int | None = None,
+        cache_interval: int = 1,
     ) -> np.ndarray:
         """The sampler loop from start.x [B, C, h, w] to the final latent [B, C, h, w] (before
         1/scaling_factor), x_0 * plan.latent_scale (`sampling.run_plan`). tile: run the U-Net on
         tiles of that many latent pixels when the latent is larger (tiles.py; the upscaler's).
+        cache_interval: feature caching's (denoiser.py), which also takes the shallow U-Net graph.
 
-        The U-Net session (and the ControlNets') is taken for this step only, so the memory policy
-        can close it when it returns.
+        The U-Net sessions (and the ControlNets') are taken for this step only, so the memory policy
+        can close them when it returns.
         """
-        with self.model.sessions.use("unet") as unet, self.controlnets.use(controls) as graphs:
+        sessions = self.model.sessions
+        with (sessions.use("unet") as unet, self.controlnets.use(controls) as graphs,
+              sessions.use("unet_shallow") if cache_interval > 1 else nullcontext() as shallow):
             batch = len(start.x)
             hints, uncond_hints = control_hints(controls, graphs, batch)
-            model = UNetModel.for_session(unet, self.manifest, plan)
+            model = UNetModel.for_session(unet, self.manifest, plan, shallow=shallow)
             cond_in = Conditioning(cond, start.channels, hints)
             uncond_in = None if uncond is None else Conditioning(uncond, start.channels, uncond_hints)
-            max_batch = self.model.options.memory.unet_max_batch
-            denoise = GuidedDenoiser(model, cond_in, uncond_in, guidance, max_batch=max_batch)
+
+            def guided(cond: Conditioning, uncond: Conditioning | None) -> GuidedDenoiser:
+                return GuidedDenoiser(model, cond, uncond, guidance, max_batch=self.model.options.memory.unet_max_batch,
+                                      cache_interval=cache_interval)
+
+            denoise = guided(cond_in, uncond_in)
             height, width = start.x.shape[2:]
             if tile is not None and max(height, width) > tile:
-                denoise = tiled(lambda rows, cols: GuidedDenoiser(
-                    model, cond_in.window(rows, cols), None if uncond_in is None else uncond_in.window(rows, cols),
-                    guidance, max_batch=max_batch), height, width, tile)
+                denoise = tiled(lambda rows, cols: guided(
+                    cond_in.window(rows, cols), None if uncond_in is None else uncond_in.window(rows, cols)),
+                    height, width, tile)
             if start.keep is not None:
                 denoise = start.keep.wrap(denoise)
             with tqdm(total=plan.steps, disable=not self.progress, unit="step", leave=False) as bar:

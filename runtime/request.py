@@ -108,6 +108,7 @@ def check_request(
         crop_region(mask, padding=config.only_masked_padding, aspect=(width, height))  # a mask with white in it
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
+    check_cache_interval(manifest, config.cache_interval)
     if tokenizers is None:
         tokenizers = folder_tokenizers(root, manifest)
     for tokenizer in tokenizers.values():
@@ -180,6 +181,7 @@ def check_upscale(
     config = config.with_defaults(manifest.recommended)
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
+    check_cache_interval(manifest, config.cache_interval)
     for tokenizer in (tokenizers if tokenizers is not None else folder_tokenizers(root, manifest)).values():
         _check_prompts(tokenizer, config)
     # The U-Net runs one tile at a time: the estimate's size is a tile's (the decode's own tiles aside).
@@ -256,6 +258,13 @@ def _size(manifest: Manifest, config, image: Image.Image | None) -> tuple[int, i
     check_size("height", height, factor)
     check_size("width", width, factor)
     return height, width
+
+
+def check_cache_interval(manifest: Manifest, interval: int) -> None:
+    """Feature caching needs the folder's shallow U-Net graph."""
+    if interval > 1 and "unet_shallow" not in manifest.graphs:
+        raise InputError("cache_interval", interval, "1: this folder has no unet_shallow graph, which feature caching "
+                         "runs between whole U-Net steps (`sdonnx export` writes one)")
 
 
 def _check_clip_skip(manifest: Manifest, clip_skip: int) -> None:

@@ -14,7 +14,8 @@ Both use SD's x8 VAE (four levels) and the real CLIP BPE vocabulary, saved as sa
   5 time ids (aesthetic score), two transformer layers in every attention block.
 
 `build_tiny_upscaler` writes SD's x4 upscaler layout (StableDiffusionUpscalePipeline): a 7-channel U-Net
-(latents || the noised low-res image) with 1000 noise-level class embeddings, an x4 VAE (three levels,
+(latents || the noised low-res image) with 1000 noise-level class embeddings and cross-attention only
+(no self-attention) above its lowest level, an x4 VAE (three levels,
 scaling 0.08333), a v-prediction DDIM scheduler and the DDPM low_res_scheduler, max_noise_level 350,
 as stabilityai/stable-diffusion-x4-upscaler's configs have them.
 """
@@ -203,12 +204,13 @@ def build_tiny_upscaler(out: Path, seed: int = 0) -> Path:
         in_channels=7,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=hidden,
         attention_head_dim=8,
         use_linear_projection=True,
+        only_cross_attention=(True, True, False),  # as the x4's: no self-attention but at the lowest level
         num_class_embeds=1000,
         norm_num_groups=16,
     )
