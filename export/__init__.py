@@ -362,6 +362,7 @@ def _manifest(folder: Path, facts: dict, checks: dict[str, dict], weights: dict[
         safety_checker = GraphSpec(GRAPH, inputs, outputs, precision="fp32", check=safety)
     return Manifest(
         graphs=graphs, versions=_versions(config.opset), files=files, unet_attention=config.attention,
+        vae_attention=config.attention,
         recommended=config.recommended, safety_checker=safety_checker, **facts,
     )
 

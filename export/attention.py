@@ -9,7 +9,9 @@ materializes them, with the softmax's output beside them.
   next head's exist. Runs anywhere ONNX runs.
 - fused: every attention (self and cross) becomes one com.microsoft.MultiHeadAttention node, the op
   ONNX Runtime's transformer optimizer produces. Its CPU kernel computes attention in blocks (MLAS
-  flash attention); the CUDA and DirectML providers have kernels for it too.
+  flash attention); the CUDA and DirectML providers have kernels for it too. The VAE's mid-block
+  attention (group norm before, residual after, on a [B, C, H, W] map) is fused the same way: over a
+  128x128 latent (1024 px SDXL, the x4 upscaler's 512 px) its scores alone are 1 GB per copy.
   Emitted at export rather than fused afterwards with ORT's optimizer: that pass needs ~5x the graph
   in RAM (16 GB for SD 1.5), turns CPU self-attention into the `Attention` op, which has no blocked
   CPU kernel, and its head-count detection fails under NumPy >= 2.4 (benchmarks/ort_optimizer.py
@@ -35,6 +37,18 @@ def _plain(attn, hidden_states, attention_mask) -> bool:
         and not attn.residual_connection
         and attn.rescale_output_factor == 1.0
         and hidden_states.ndim == 3
+    )
+
+
+def _vae_style(attn, hidden_states, attention_mask) -> bool:
+    """Whether this call is the VAE's: group norm, then plain attention on the map's pixels, then the
+    residual and the output rescale (diffusers' AttnProcessor2_0 for such a module)."""
+    return (
+        attention_mask is None
+        and attn.spatial_norm is None
+        and attn.norm_cross is None
+        and getattr(attn, "norm_q", None) is None
+        and hidden_states.ndim in (3, 4)
     )
 
 
@@ -93,19 +107,36 @@ class FusedAttention:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        if not _plain(attn, hidden_states, attention_mask):
+        if _plain(attn, hidden_states, attention_mask):
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            output = _MultiHeadAttention.apply(
+                attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, float(attn.scale)
+            )
+            return attn.to_out[1](attn.to_out[0](output))
+        if not _vae_style(attn, hidden_states, attention_mask):
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual, shape = hidden_states, hidden_states.shape
+        if len(shape) == 4:  # [B, C, H, W] -> [B, H*W, C]
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         output = _MultiHeadAttention.apply(
             attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, float(attn.scale)
         )
-        return attn.to_out[1](attn.to_out[0](output))
+        output = attn.to_out[1](attn.to_out[0](output))
+        if len(shape) == 4:
+            output = output.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            output = output + residual
+        return output / attn.rescale_output_factor
 
 
 PROCESSORS = {"sliced": HeadSlicedSelfAttention, "fused": FusedAttention}
 
 
-def set_attention(unet, mode: str) -> None:
-    """Give every attention module of `unet` the processor of `mode` ("full" keeps diffusers' own)."""
-    if mode in PROCESSORS:
-        unet.set_attn_processor({name: PROCESSORS[mode](p) for name, p in unet.attn_processors.items()})
+def set_attention(model, mode: str) -> None:
+    """Give every attention module of `model` (a U-Net, a VAE) the processor of `mode` ("full" keeps
+    diffusers' own; "sliced" leaves what is not plain self-attention, the VAE's, as it is)."""
+    if mode in PROCESSORS and getattr(model, "attn_processors", None):
+        model.set_attn_processor({name: PROCESSORS[mode](p) for name, p in model.attn_processors.items()})

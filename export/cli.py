@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attention", default=_DEFAULTS["attention"], choices=ATTENTION,
         help="sliced: U-Net self-attention one head at a time in standard ONNX ops (about half the peak memory "
-        "of full at 512 px, same speed); fused: every attention one ONNX Runtime MultiHeadAttention op "
-        "(blocked kernels on CPU and CUDA); full: diffusers' attention as traced (default %(default)s)",
+        "of full at 512 px, same speed); fused: every attention, the VAE's too, one ONNX Runtime MultiHeadAttention "
+        "op (blocked kernels on CPU and CUDA); full: diffusers' attention as traced (default %(default)s)",
     )
     parser.add_argument("--lora", action="append", dest="lora_specs", metavar="FILE:WEIGHT",
                         help="merge this LoRA into the weights at WEIGHT (default 1) before export; repeatable")

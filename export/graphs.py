@@ -475,6 +475,8 @@ def build_graph(name: str, source: SourceModel, trace: Probe, check: Probe, *, s
     module = _wrapper(name, source, static, feature_cache).eval()
     if name in ("unet", "unet_shallow"):
         set_attention(module.unet, attention)
+    elif name in ("vae_encoder", "vae_decoder"):
+        set_attention(module.vae, attention)
     axes = module.dynamic_axes
     optional = getattr(module, "optional", {})
     if static:

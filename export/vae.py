@@ -59,6 +59,7 @@ def export_vae(config) -> object:
 
     from sdonnx.export import _Progress, _libraries_quiet, _versions
     from sdonnx.export.check import check_graph
+    from sdonnx.export.attention import set_attention
     from sdonnx.export.graphs import Graph, export_graph, io_specs
     from sdonnx.files import staged_files, staged_folder
     from sdonnx.runtime.manifest import MANIFEST_NAME, GraphSpec, sha256_file
@@ -89,6 +90,7 @@ def export_vae(config) -> object:
             say.part(f"{component}: exporting…")
             axes = {n: {0: "batch_size", 2: f"{n}_height", 3: f"{n}_width"}
                     for n in (*module.input_names, *module.output_names)}
+            set_attention(vae, config.attention)
             graph = Graph(component, module.eval(), module.input_names, module.output_names, axes, sizes(1, 5, 7),
                           sizes(2, 4, 6))
             path = folder / component / "model.onnx"

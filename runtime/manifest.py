@@ -200,6 +200,9 @@ class Manifest:
     # How the U-Net's attention was exported (`sdonnx export --attention`): fused, sliced or full; None
     # when unknown (optimum folders, older exports), which memory estimates take as full.
     unet_attention: str | None = None
+    # The same for the VAE's attention: "fused" is one blocked MultiHeadAttention op; the others, and None
+    # (exports before it was recorded), hold its [pixels x pixels] scores.
+    vae_attention: str | None = None
     # The model card's settings, used when a request names none: {"steps": int, "guidance": float,
     # "samplers": {name: {"steps", "guidance"}}} (a sampler's own entry wins).
     recommended: Mapping[str, Any] = field(default_factory=dict)
@@ -280,6 +283,7 @@ class Manifest:
             source=r.get("source", str),
             quantization=r.get("quantization", dict, optional=True),
             unet_attention=r.get("unet_attention", str, optional=True),
+            vae_attention=r.get("vae_attention", str, optional=True),
             recommended=_recommended(r.get("recommended", dict, optional=True) or {}, where),
             pooled_text_encoder=r.get("pooled_text_encoder", str, optional=True, choices=COMPONENTS),
             text_hidden_states=r.get("text_hidden_states", str, optional=True, choices=TEXT_HIDDEN_STATES) or "final",

@@ -16,8 +16,8 @@ computed in blocks:
   `sliced`, none for `fused`.
 - VAE decode, one image at a time: 32 bytes per image pixel per channel of its first block (SD's
   decoder at 512 px: ~1.0 GB, the 5.29 GB pipeline peak less 4.1 GB of weights and 0.2 GB of
-  runtime) plus its mid-block attention, one head over the latent pixels. Low memory decodes
-  256-pixel tiles.
+  runtime) plus its mid-block attention, one head over the latent pixels, unless the export fused
+  it (manifest vae_attention). Low memory decodes 256-pixel tiles.
 `python benchmarks/memory_estimate.py` prints measured peaks beside these estimates.
 """
 
@@ -342,8 +342,8 @@ def estimate_peak(
     else:
         decode_height, decode_width = height, width
     decoded_latent = (decode_height // f) * (decode_width // f)
-    vae = (VAE_BYTES_PER_PIXEL_CHANNEL * _first_channels(root, "vae_decoder") * decode_height * decode_width
-           + SCORE_BYTES * decoded_latent**2)
+    vae_scores = 0 if manifest.vae_attention == "fused" else SCORE_BYTES * decoded_latent**2
+    vae = VAE_BYTES_PER_PIXEL_CHANNEL * _first_channels(root, "vae_decoder") * decode_height * decode_width + vae_scores
     weights = {name: size for name, size in _graph_bytes(manifest, root).items() if name not in loaded}
     resident = (max(weights.values(), default=0) if policy.release_sessions else sum(weights.values()))
     return int(MARGIN * (resident + max(unet, vae)))

@@ -454,6 +454,23 @@ def test_attention_processors_match_diffusers(tiny_sources, mode):
     torch.testing.assert_close(replaced, full, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_vae_attention_matches_diffusers(tiny_sources):
+    """The VAE's mid-block attention (group norm, [B, C, H, W] in, residual) through the fused processor."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sdonnx.export.attention import set_attention
+
+    vae = AutoencoderKL.from_pretrained(tiny_sources["sd1"] / "vae").eval()
+    latents = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = vae.decode(latents).sample
+        set_attention(vae, "fused")
+        fused = vae.decode(latents).sample
+    assert {type(p).__name__ for p in vae.attn_processors.values()} == {"FusedAttention"}
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_modes_change_the_graph_not_the_output(tiny_sources, tmp_path):
     """sliced: one softmax per head; fused: every attention one MultiHeadAttention node; same U-Net output."""
     import onnx
@@ -476,6 +493,11 @@ def test_attention_modes_change_the_graph_not_the_output(tiny_sources, tmp_path)
         outputs[attention] = session.run(None, feeds)[0]
     assert ops["sliced"].count("Softmax") > ops["full"].count("Softmax") > 0
     assert ops["fused"].count("Softmax") == 0 and ops["fused"].count("MultiHeadAttention") > 0
+    for attention, expected in (("full", 0), ("sliced", 0), ("fused", 1)):  # the VAE's one mid-block attention
+        path = tmp_path / attention / "vae_decoder" / "model.onnx"
+        vae_ops = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+        assert vae_ops.count("MultiHeadAttention") == expected, attention
+        assert Manifest.read(tmp_path / attention).vae_attention == attention
     for attention in ("sliced", "fused"):
         np.testing.assert_allclose(outputs[attention], outputs["full"], rtol=1e-4, atol=1e-5)
 
