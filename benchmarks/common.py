@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,19 @@ def machine() -> str:
     # The model name of a virtual CPU is often generic ("Intel(R) Xeon(R) Processor"): family and model tell hosts apart.
     return (f"{os.cpu_count()} cores, {fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model "
             f"{fields.get('model', '?')}), {' '.join(simd) or 'no AVX2'}")
+
+
+def command_line() -> str:
+    """This script's command as it was run, for the report."""
+    return shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def write_report(out: Path, summary: dict, *, title: str, notes: str, columns: list[str], rows: list[list[str]]) -> None:
+    """OUT.json (`summary`, which holds "machine") and OUT.md: the title, machine, command, notes and table."""
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)]
+    out.with_suffix(".md").write_text(f"# {title}\n\nMachine: {summary['machine']}\n\nCommand: `{command_line()}`\n\n"
+                                      f"{notes}\n\n" + "\n".join(table) + "\n")
 
 
 def run_worker(command: list[str], job: dict, label: str) -> dict:

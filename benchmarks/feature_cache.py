@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CACHE, SD15_PROMPT, machine, peak_rss_gb, psnr  # noqa: E402 (benchmarks/ is the script's folder)
+from common import CACHE, SD15_PROMPT, machine, peak_rss_gb, psnr, write_report  # noqa: E402 (benchmarks/ is the script's folder)
 
 
 def main() -> None:
@@ -83,22 +83,18 @@ def main() -> None:
                "load_s": load_s, "peak_rss_gb": peak_rss_gb(), "results": results}
     print(json.dumps(summary, indent=1))
     if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-        rows = "".join(
-            f"| {i} | {r['unet_whole_runs']} / {r['unet_shallow_runs']} | {r['seconds']:.1f} | {r['speedup']:.2f}x | "
-            f"{r['unet_whole_median_s']:.2f} | "
-            f"{'-' if r['unet_shallow_median_s'] is None else format(r['unet_shallow_median_s'], '.2f')} | "
-            f"{r['psnr_vs_first_db']:.1f} |\n"
-            for i, r in results.items())
-        args.out.with_suffix(".md").write_text(
-            f"# Feature caching, full-size SD 1.5 (random weights), {args.size}x{args.size}, {args.steps} Euler steps, "
-            f"guidance 7.5, {args.threads} threads\n\n"
-            f"Machine: {summary['machine']}\n\nCommand: `python benchmarks/feature_cache.py --size {args.size} "
-            f"--steps {args.steps} --intervals {args.intervals} --threads {args.threads} --out {args.out}`\n\n"
-            f"One process, load {load_s:.1f} s, peak RSS {summary['peak_rss_gb']:.2f} GB; each image once after a "
-            "warm-up. PSNR of the 8-bit image against interval 1's.\n\n"
-            "| cache interval | whole / shallow U-Net runs | s per image | speed-up | whole U-Net s | shallow s | PSNR dB |\n"
-            "|---|---|---|---|---|---|---|\n" + rows)
+        shallow = [r["unet_shallow_median_s"] for r in results.values()]
+        write_report(
+            args.out, summary,
+            title=f"Feature caching, full-size SD 1.5 (random weights), {args.size}x{args.size}, {args.steps} Euler "
+            f"steps, guidance 7.5, {args.threads} threads",
+            notes=f"One process, load {load_s:.1f} s, peak RSS {summary['peak_rss_gb']:.2f} GB; each image once after "
+            "a warm-up. PSNR of the 8-bit image against interval 1's.",
+            columns=["cache interval", "whole / shallow U-Net runs", "s per image", "speed-up", "whole U-Net s",
+                     "shallow s", "PSNR dB"],
+            rows=[[str(i), f"{r['unet_whole_runs']} / {r['unet_shallow_runs']}", f"{r['seconds']:.1f}",
+                   f"{r['speedup']:.2f}x", f"{r['unet_whole_median_s']:.2f}", "-" if s is None else f"{s:.2f}",
+                   f"{r['psnr_vs_first_db']:.1f}"] for (i, r), s in zip(results.items(), shallow)])
 
 
 if __name__ == "__main__":

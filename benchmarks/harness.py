@@ -13,10 +13,16 @@ weights (`sd15_random.py`, `sdxl_random.py`), "embedded" the trained embedded mo
 environment (optimum-onnx 0.1.0 needs transformers < 4.58, so it cannot share ours).
 Writes OUT.json and OUT.md: medians per system, and PSNR of each image against diffusers'.
 
-Systems: "diffusers", "optimum", "sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
+Systems: "diffusers", "optimum", "sdcpp-WTYPE" (stable-diffusion.cpp at f32, f16, q8_0 or q4_0 weights, "+flash"
+for its flash attention, "+easycache" / "+ucache" for its caches; its own venv, built from stable-diffusion-cpp-python's sdist; an original-layout
+single file of the same weights; its RNG differs, so its PSNR is against sdcpp-f32's image when that runs),
+"sdonnx-fp32", "sdonnx-RECIPE" (a quantize recipe), each sdonnx
 one with modes appended: "+lowmem" (low-memory mode), "+cache" (the optimized-graph cache, filled by
 one unmeasured warm-up run first), "+interval" (guidance only for sigmas in --guidance-interval),
-"+sliced" / "+full" / "+fused" (the export's --attention; default: the export's default), e.g.
+"+sliced" / "+full" / "+fused" (the export's --attention; default: the export's default), "+deepcache"
+(an export with --feature-cache, run at --cache-interval 3), "+openvino" (ONNX Runtime's OpenVINO provider,
+onnxruntime-openvino in its own venv with sdonnx installed without dependencies; use with +sliced: OpenVINO
+has no kernel for the fused op), e.g.
 "sdonnx-int8+lowmem", "sdonnx-fp32+cache", "sdonnx-int8+interval", "sdonnx-fp32+fused".
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -42,6 +49,9 @@ PROMPTS = {"sd15": SD15_PROMPT, "sdxl": SD15_PROMPT, "embedded": "a red circle o
 DEFAULT_SIZE = {"sd15": 256, "sdxl": 512, "embedded": 64}
 DEFAULT_SYSTEMS = "diffusers,optimum,sdonnx-fp32,sdonnx-mixed,sdonnx-int8,sdonnx-int8+lowmem"
 OPTIMUM_PACKAGES = ("torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "diffusers==0.39.0", "accelerate")
+SDCPP_PACKAGES = ("stable-diffusion-cpp-python==0.4.7", "numpy", "pillow")  # built from its sdist: a few minutes
+SDCPP_WTYPES = ("f32", "f16", "q8_0", "q4_0")
+SDCPP_CACHES = ("easycache", "ucache")  # its training-free caches for U-Net models
 WORKER = Path(__file__).with_name("workers.py")
 
 
@@ -60,21 +70,22 @@ def source(model: str) -> Path:
     return build()
 
 
-def export(model: str, work: Path, attention: str) -> tuple[Path, Path]:
+def export(model: str, work: Path, attention: str, feature_cache: bool = False) -> tuple[Path, Path]:
     """(sdonnx fp32 export of `model` with `attention`, folder for its quantized variants), made once:
-    work/sdonnx-fp32-ATTENTION and work/ATTENTION."""
-    if model == "embedded" and attention == "sliced":
+    work/sdonnx-fp32-ATTENTION[-fc] and work/ATTENTION[-fc] (-fc: with --feature-cache)."""
+    if model == "embedded" and attention == "sliced" and not feature_cache:
         from sdonnx.models import EMBEDDED_MODEL
 
         return EMBEDDED_MODEL, work / attention  # the committed export was made with sliced attention
-    onnx = work / f"sdonnx-fp32-{attention}"
+    name = attention + ("-fc" if feature_cache else "")
+    onnx = work / f"sdonnx-fp32-{name}"
     if not (onnx / "manifest.json").is_file():
         from sdonnx.export import export_model
 
         print(f"exporting {source(model)} -> {onnx} (attention {attention})", file=sys.stderr)
         export_model(ExportConfig(source=str(source(model)), out=onnx, overwrite=True, quiet=True,
-                                  attention=attention))
-    return onnx, work / attention
+                                  attention=attention, feature_cache=feature_cache))
+    return onnx, work / name
 
 
 def optimum_python(venv: Path) -> Path:
@@ -86,6 +97,46 @@ def optimum_python(venv: Path) -> Path:
         for package in OPTIMUM_PACKAGES[:1] + (" ".join(OPTIMUM_PACKAGES[1:]),):  # torch first: the CPU pin
             subprocess.run([str(python), "-m", "pip", "install", "-q", *package.split()], check=True)
     return python
+
+
+def sdcpp_python(venv: Path) -> Path:
+    """stable-diffusion.cpp's environment's Python, created with SDCPP_PACKAGES if missing (built for this CPU)."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"creating {venv} ({', '.join(SDCPP_PACKAGES)}; compiling stable-diffusion.cpp)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *SDCPP_PACKAGES], check=True,
+                       env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+    return python
+
+
+OPENVINO_PACKAGES = ("onnxruntime-openvino", "numpy", "tokenizers", "pillow", "tqdm")  # pins its own onnxruntime
+
+
+def openvino_python(venv: Path) -> Path:
+    """The OpenVINO environment's Python (onnxruntime-openvino and sdonnx's runtime), created if missing."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"creating {venv} ({', '.join(OPENVINO_PACKAGES)} + this sdonnx)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *OPENVINO_PACKAGES], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(Path(__file__).parents[1])],
+                       check=True)
+    return python
+
+
+def single_file(model: str, work: Path) -> Path:
+    """The model's weights as one original-layout (CompVis) .safetensors file, what stable-diffusion.cpp loads."""
+    path = work / "single-file.safetensors"
+    if not path.is_file():
+        if model != "sd15":
+            raise SystemExit("sdcpp systems: only with --model sd15")
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+        from ldm_checkpoint import write_ldm_checkpoint
+
+        write_ldm_checkpoint(source(model), path.with_suffix(".partial.safetensors"))
+        path.with_suffix(".partial.safetensors").rename(path)
+    return path
 
 
 def optimum_export(source: Path, work: Path, python: Path) -> Path:
@@ -146,16 +197,23 @@ def plan_jobs(args: argparse.Namespace) -> dict[str, tuple[Path, dict]]:
             python = optimum_python(args.optimum_venv)
             jobs[system] = (python, {"system": "optimum",
                                      "model": str(optimum_export(source(args.model), work, python))})
+        elif name.startswith("sdcpp-"):
+            jobs[system] = (sdcpp_python(args.sdcpp_venv), {"system": "sdcpp", "model": str(single_file(args.model, work)),
+                                                           "wtype": name.removeprefix("sdcpp-"), "seed": args.seed,
+                                                           "flash": "flash" in modes,
+                                                           "cache_mode": next((m for m in modes if m != "flash"), None)})
         else:
             recipe = name.removeprefix("sdonnx-")
             attention = next((m for m in modes if m in ATTENTION), ExportConfig.attention)
-            onnx, variants = export(args.model, work, attention)
+            onnx, variants = export(args.model, work, attention, feature_cache="deepcache" in modes)
             folder = onnx if recipe == "fp32" else make_variant(onnx, variants, recipe)
             cache = str(work / "graph-cache") if "cache" in modes else None
             interval = args.guidance_interval if "interval" in modes else None
-            jobs[system] = (Path(sys.executable), {"system": "sdonnx", "model": str(folder),
-                                                   "low_memory": "lowmem" in modes, "graph_cache": cache,
-                                                   "guidance_interval": interval})
+            python = openvino_python(args.openvino_venv) if "openvino" in modes else Path(sys.executable)
+            jobs[system] = (python, {"system": "sdonnx", "model": str(folder),
+                                     "provider": "openvino" if "openvino" in modes else "cpu",
+                                     "low_memory": "lowmem" in modes, "graph_cache": cache, "guidance_interval": interval,
+                                     "cache_interval": 3 if "deepcache" in modes else 1})
     if args.control:
         common["control"] = control_job(args.model, work, size)
     jobs = {system: (python, job | common) for system, (python, job) in jobs.items()}
@@ -177,11 +235,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
             runs[system].append(result)
             print(f"{system} #{repeat + 1}: {result}", file=sys.stderr)
     reference = np.load(images / "diffusers.npy") if "diffusers" in jobs else None
+    own_rng = np.load(images / "sdcpp-f32.npy") if "sdcpp-f32" in jobs else None  # sd.cpp draws other noise
     rows = []
     for system, results in runs.items():
         row = {"system": system} | {key: statistics.median(r[key] for r in results) for key in results[0]}
         image = np.load(images / f"{system}.npy")
-        row["psnr_vs_diffusers_db"] = psnr(reference, image) if reference is not None else None
+        against = own_rng if system.startswith("sdcpp-") else reference
+        row["psnr_vs_diffusers_db"] = psnr(against, image) if against is not None else None
         rows.append(row)
     return rows
 
@@ -189,7 +249,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def markdown(rows: list[dict], header: list[str]) -> str:
     base = next((r for r in rows if r["system"] == "diffusers"), None)
     lines = header + ["", "| system | ready s | end-to-end s | U-Net s/step | peak RSS GB | vs diffusers e2e "
-                      "| PSNR vs diffusers dB |", "|---|---|---|---|---|---|---|"]
+                      "| PSNR vs diffusers dB (sdcpp: vs sdcpp-f32) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         speedup = f"{base['e2e_s'] / r['e2e_s']:.2f}x" if base else "-"
         quality = "-" if r["psnr_vs_diffusers_db"] is None else f"{r['psnr_vs_diffusers_db']:.1f}"
@@ -217,6 +277,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for every system")
     parser.add_argument("--work", type=Path, default=CACHE / "harness")
     parser.add_argument("--optimum-venv", type=Path, default=CACHE / "optimum-venv")
+    parser.add_argument("--sdcpp-venv", type=Path, default=CACHE / "sdcpp-venv")
+    parser.add_argument("--openvino-venv", type=Path, default=CACHE / "ov-venv")
     parser.add_argument("--control", action="store_true",
                         help="sd15: every system runs with the full-size random ControlNet (sd15_random.py)")
     parser.add_argument("--prepare", action="store_true", help="only make the exports, variants and venv, then stop")
@@ -227,10 +289,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         recipe = name.removeprefix("sdonnx-")
         known = name in ("diffusers", "optimum") or (name.startswith("sdonnx-") and recipe in ("fp32", *RECIPES))
         attentions = [m for m in modes if m in ATTENTION]
-        if (not known or not set(modes) <= {"lowmem", "cache", "interval", *ATTENTION} or len(attentions) > 1
-                or (modes and not name.startswith("sdonnx-"))):
-            raise InputError("systems", system, "diffusers, optimum, or sdonnx-RECIPE[+lowmem][+cache][+interval]"
-                                                f"[+{'|+'.join(ATTENTION)}] with RECIPE in fp32, {', '.join(RECIPES)}")
+        sdcpp = (name.startswith("sdcpp-") and name.removeprefix("sdcpp-") in SDCPP_WTYPES
+                 and set(modes) <= {"flash", *SDCPP_CACHES} and len(set(modes) & set(SDCPP_CACHES)) <= 1)
+        if not sdcpp and (not known or not set(modes) <= {"lowmem", "cache", "interval", "deepcache", "openvino", *ATTENTION}
+                          or len(attentions) > 1 or (modes and not name.startswith("sdonnx-"))):
+            raise InputError("systems", system, "diffusers, optimum, sdcpp-WTYPE[+flash][+easycache|+ucache] with "
+                             f"WTYPE in {', '.join(SDCPP_WTYPES)}, or sdonnx-RECIPE[+lowmem][+cache][+interval][+deepcache][+openvino]"
+                             f"[+{'|+'.join(ATTENTION)}] with RECIPE in fp32, {', '.join(RECIPES)}")
     if args.size is not None and (args.size < 64 or args.size % 64):
         raise InputError("size", args.size, "a multiple of 64")
     return args

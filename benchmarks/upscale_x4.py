@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CACHE, machine, peak_rss_gb, psnr, run_worker  # noqa: E402 (benchmarks/ is the script's folder)
+from common import CACHE, machine, peak_rss_gb, psnr, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
 
 UNET = dict(
     act_fn="silu", attention_head_dim=8, block_out_channels=[256, 512, 512, 1024], center_input_sample=False,
@@ -153,21 +153,17 @@ def main() -> None:
                "threads": args.threads, "tile": args.tile, "results": results}
     print(json.dumps(summary, indent=1))
     if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
         base = results["diffusers"]["run_s"]
-        rows = "".join(
-            f"| {system} | {r['run_s']:.1f} | {r['run_s'] / args.steps:.1f} | {base / r['run_s']:.2f}x | "
-            f"{r['load_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['psnr_vs_diffusers_db']:.1f} |\n"
-            for system, r in results.items())
-        args.out.with_suffix(".md").write_text(
-            f"# SD x4 upscaler, {args.size}x{args.size} -> {4 * args.size}x{4 * args.size}, {args.steps} DDIM steps, "
-            f"guidance {GUIDANCE:g}, {args.threads} threads\n\n"
-            f"Machine: {summary['machine']}\n\nCommand: `python benchmarks/upscale_x4.py --size {args.size} "
-            f"--steps {args.steps} --threads {args.threads} --tile {args.tile} --out {args.out}`\n\n"
-            "Random weights in the real architecture; each system in a fresh process; run = the upscale, load "
-            "excluded; PSNR of the 8-bit image against diffusers' (inf: identical).\n\n"
-            "| system | run s | s/step (incl. decode) | vs diffusers | load s | peak RSS GB | PSNR dB |\n"
-            "|---|---|---|---|---|---|---|\n" + rows)
+        write_report(
+            args.out, summary,
+            title=f"SD x4 upscaler, {args.size}x{args.size} -> {4 * args.size}x{4 * args.size}, {args.steps} DDIM "
+            f"steps, guidance {GUIDANCE:g}, {args.threads} threads",
+            notes="Random weights in the real architecture; each system in a fresh process; run = the upscale, load "
+            "excluded; PSNR of the 8-bit image against diffusers' (inf: identical).",
+            columns=["system", "run s", "s/step (incl. decode)", "vs diffusers", "load s", "peak RSS GB", "PSNR dB"],
+            rows=[[system, f"{r['run_s']:.1f}", f"{r['run_s'] / args.steps:.1f}", f"{base / r['run_s']:.2f}x",
+                   f"{r['load_s']:.1f}", f"{r['peak_rss_gb']:.2f}", f"{r['psnr_vs_diffusers_db']:.1f}"]
+                  for system, r in results.items()])
 
 
 if __name__ == "__main__":

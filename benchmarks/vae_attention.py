@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, peak_rss_gb, run_worker  # noqa: E402 (benchmarks/ is the script's folder)
+from common import machine, peak_rss_gb, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
 from vae_decode import SD_VAE  # noqa: E402
 
 MODES = ("sliced", "fused")
@@ -75,16 +75,15 @@ def main() -> None:
                "results": results, "max_abs_difference": difference}
     print(json.dumps(summary, indent=1))
     if args.out is not None:
-        args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-        rows = "".join(f"| {mode} | {' / '.join(f'{t:.2f}' for t in r['decode_s'])} | {r['peak_rss_gb']:.2f} |\n"
-                       for mode, r in results.items())
-        args.out.with_suffix(".md").write_text(
-            f"# VAE decode of a {args.latent}x{args.latent} latent ({8 * args.latent} px), mid-block attention unfused "
-            f"vs fused, {args.threads} threads\n\nMachine: {summary['machine']}\n\nCommand: `python benchmarks/"
-            f"vae_attention.py --latent {args.latent} --repeats {args.repeats} --threads {args.threads} --out {args.out}`"
-            f"\n\nSD's AutoencoderKL (random weights), each export in a fresh process; max |difference| between the "
-            f"two decodes {difference:.1e}.\n\n| VAE attention | decode s (each run) | peak RSS GB |\n|---|---|---|\n"
-            + rows)
+        write_report(
+            args.out, summary,
+            title=f"VAE decode of a {args.latent}x{args.latent} latent ({8 * args.latent} px), mid-block attention "
+            f"unfused vs fused, {args.threads} threads",
+            notes=f"SD's AutoencoderKL (random weights), each export in a fresh process; max |difference| between the "
+            f"two decodes {difference:.1e}.",
+            columns=["VAE attention", "decode s (each run)", "peak RSS GB"],
+            rows=[[mode, " / ".join(f"{t:.2f}" for t in r["decode_s"]), f"{r['peak_rss_gb']:.2f}"]
+                  for mode, r in results.items()])
 
 
 if __name__ == "__main__":

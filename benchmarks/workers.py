@@ -2,12 +2,15 @@
 
     python benchmarks/workers.py '{"system": "sdonnx", "model": ..., "latents": ..., "image": ..., ...}'
 
-Systems: "sdonnx" (an sdonnx folder, any recipe; "low_memory": true for its low-memory mode,
+Systems: "sdonnx" (an sdonnx folder, any recipe; "provider": cpu or openvino, run by the OpenVINO venv's Python;
+"low_memory": true for its low-memory mode,
 "graph_cache": a folder for its optimized-graph cache, "guidance_interval": [low, high] sigmas),
 "diffusers" (PyTorch fp32 on a diffusers folder: the pipeline its model_index.json names) and "optimum" (ORTStableDiffusionPipeline on an
 optimum export; run by the optimum virtual environment's Python). Every system gets the same
 starting latents (job["latents"], unit noise), prompt, size, steps, guidance and Euler sampler
 (diffusers' EulerDiscreteScheduler; sdonnx's euler matches it), and the same thread count.
+"sdcpp" (stable-diffusion.cpp, run by its own virtual environment's Python) gets the same prompt, size,
+steps, guidance, seed and threads, but draws its own noise from the seed.
 
 With job["control"] ({"diffusers": ControlNetModel folder, "onnx": its sdonnx export, "image": the
 control image}), sdonnx and diffusers run their ControlNet pipelines, and the U-Net time per step
@@ -60,13 +63,13 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     def timed(self, **feeds):
         started = time.perf_counter()
         out = run(self, **feeds)
-        if self.name in ("unet", "controlnet"):
+        if self.name in ("unet", "unet_shallow", "controlnet"):
             timer.add(time.perf_counter() - started)
         return out
 
     Session.run = timed
     started = time.perf_counter()
-    pipe = sdonnx.Pipeline.load(job["model"], provider="cpu", progress=False, threads=job["threads"],
+    pipe = sdonnx.Pipeline.load(job["model"], provider=job.get("provider", "cpu"), progress=False, threads=job["threads"],
                                 low_memory=job.get("low_memory", False), graph_cache=job.get("graph_cache"))
     ready = time.perf_counter() - started
     latents = np.load(job["latents"])
@@ -74,7 +77,7 @@ def run_sdonnx(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     control = job.get("control")
     image = pipe(job["prompt"], latents=latents, steps=job["steps"], guidance=job["guidance"], sampler="euler",
                  height=job["size"], width=job["size"], seed=0, callback=lambda *_: timer.step(),
-                 guidance_interval=tuple(interval) if interval else None,
+                 guidance_interval=tuple(interval) if interval else None, cache_interval=job.get("cache_interval", 1),
                  control=sdonnx.Control(control["onnx"], control["image"]) if control else ())[0]
     return ready, np.asarray(image)
 
@@ -160,7 +163,32 @@ def run_optimum(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
     return ready, image
 
 
-SYSTEMS = {"sdonnx": run_sdonnx, "diffusers": run_diffusers, "optimum": run_optimum}
+def run_sdcpp(job: dict, timer: StepTimer) -> tuple[float, np.ndarray]:
+    """stable-diffusion.cpp through stable-diffusion-cpp-python (its own venv) on an original-layout single
+    file, weights converted at load to job["wtype"] (f32, f16, q8_0, q4_0); job["flash"]: its flash attention;
+    job["cache_mode"]: one of its training-free caches (easycache, ucache, ...).
+    Its sampler is "euler" with its own RNG (the seed gives other noise than torch's), and it reports no
+    per-step time, so unet_step_s is its sampling time (text encoding and decode left out) over the steps."""
+    from stable_diffusion_cpp import StableDiffusion
+
+    started = time.perf_counter()
+    sd = StableDiffusion(model_path=job["model"], wtype=job["wtype"], n_threads=job["threads"],
+                         diffusion_flash_attn=bool(job.get("flash")), verbose=False)
+    cache = {"cache_mode": job["cache_mode"]} if job.get("cache_mode") else {}
+    ready = time.perf_counter() - started
+    sampled = []
+
+    def progress(step: int, steps: int, seconds: float) -> None:
+        sampled.append(seconds)
+
+    images = sd.generate_image(prompt=job["prompt"], width=job["size"], height=job["size"], cfg_scale=job["guidance"],
+                               sample_steps=job["steps"], sample_method="euler", seed=job["seed"],
+                               progress_callback=progress, **cache)
+    timer.steps = sampled[-job["steps"]:] or [float("nan")]
+    return ready, np.asarray(images[0].convert("RGB"))
+
+
+SYSTEMS = {"sdonnx": run_sdonnx, "diffusers": run_diffusers, "optimum": run_optimum, "sdcpp": run_sdcpp}
 
 
 def main(job: dict) -> dict:

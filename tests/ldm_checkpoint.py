@@ -192,6 +192,8 @@ def _vae_to_ldm(state: dict, config: dict) -> dict:
 
 
 def _clip_to_ldm(state: dict, config: dict) -> dict:
+    # transformers 4 saves CLIPTextModel's keys under text_model., 5 without: the checkpoint has it once.
+    state = {key.removeprefix("text_model."): tensor for key, tensor in state.items()}
     return _prefixed("cond_stage_model.transformer.text_model.", state)
 
 
