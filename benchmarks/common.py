@@ -63,6 +63,21 @@ def write_report(out: Path, summary: dict, *, title: str, notes: str, columns: l
                                       f"{notes}\n\n" + "\n".join(table) + "\n")
 
 
+def parse_or_work(parser, worker) -> object | None:
+    """`parser`'s arguments, with --threads (default 2), --out and the hidden --worker JSON added; with
+    --worker, run worker(job), print its JSON result line and return None (the script's worker process)."""
+    import argparse
+
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return None
+    return args
+
+
 def run_worker(command: list[str], job: dict, label: str) -> dict:
     """Run `command + [json(job)]` in a fresh process; the JSON object on its last stdout line."""
     result = subprocess.run([*command, json.dumps(job)], capture_output=True, text=True)

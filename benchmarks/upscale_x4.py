@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CACHE, machine, peak_rss_gb, psnr, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
+from common import CACHE, machine, parse_or_work, peak_rss_gb, psnr, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
 
 UNET = dict(
     act_fn="silu", attention_head_dim=8, block_out_channels=[256, 512, 512, 1024], center_input_sample=False,
@@ -121,13 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128, help="low-res side in pixels (out: 4x)")
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tile", type=int, default=64, help="the low-memory run's U-Net tile")
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parse_or_work(parser, worker)
+    if args is None:
         return
 
     from sdonnx.export import ExportConfig, export_model

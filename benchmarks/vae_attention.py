@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, peak_rss_gb, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
+from common import machine, parse_or_work, peak_rss_gb, run_worker, write_report  # noqa: E402 (benchmarks/ is the script's folder)
 from vae_decode import SD_VAE  # noqa: E402
 
 MODES = ("sliced", "fused")
@@ -46,12 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--latent", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+    args = parse_or_work(parser, worker)
+    if args is None:
         return
 
     import torch
