@@ -469,6 +469,11 @@ class Adapters:
             sessions.replace_weights(component, {})
         maps = {c: self.weight_map(c) for c in touching}
         merged = merge(loras, {c: self.graph(c) for c in touching}, maps)
+        if "unet" in merged and "unet_shallow" in self.manifest.graphs:
+            # Feature caching's shallow graph holds a few of the U-Net's weights, under the same initializer
+            # names in float folders (request.check_cache_interval refuses the others): they get the same merge.
+            own = self.graph("unet_shallow").initializers
+            merged["unet_shallow"] = {name: tensor for name, tensor in merged["unet"].items() if name in own}
         for component, replaced in rows.items():
             ref, _ = self.token_table(component)
             table = self.graph(component).initializers[ref.initializer].read()

@@ -173,8 +173,8 @@ class GenerationConfig:
         check_int("only_masked_padding", self.only_masked_padding, 0, MAX_PADDING)
         object.__setattr__(self, "loras", _loras(self.loras))
         object.__setattr__(self, "control", _controls(self.control))
-        tags = lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
-        _check_cache_interval(self, bool(tags))
+        lora_tags(self.prompt)  # a malformed tag fails here, with the rest of the config
+        _check_cache_interval(self)
 
     def with_defaults(self, recommended: Mapping[str, object]) -> GenerationConfig:
         """This config with steps and guidance it leaves open taken from `recommended` (a model card:
@@ -208,13 +208,10 @@ def _check_hires(config: GenerationConfig) -> None:
         check_int("hires_steps", config.hires_steps, 1, sampler_info(config.sampler).max_steps or MAX_STEPS)
 
 
-def _check_cache_interval(config: GenerationConfig, tagged: bool) -> None:
-    """1 to MAX_CACHE_INTERVAL, and above 1 only without LoRAs and ControlNets: the shallow graph has no
-    LoRA weight map yet, and ControlNet residuals would reach the whole runs only."""
+def _check_cache_interval(config: GenerationConfig) -> None:
+    """1 to MAX_CACHE_INTERVAL, and above 1 only without ControlNets, whose residuals would reach the
+    whole runs only (LoRAs are checked against the folder: request.check_cache_interval)."""
     check_int("cache_interval", config.cache_interval, 1, MAX_CACHE_INTERVAL)
-    if config.cache_interval > 1 and (config.loras or tagged):
-        raise InputError("cache_interval", config.cache_interval, "1 with LoRAs (feature caching and LoRAs do not "
-                         "mix yet: the shallow U-Net graph would run without them)")
     if config.cache_interval > 1 and config.control:
         raise InputError("cache_interval", config.cache_interval, "1 with ControlNets (their residuals would "
                          "reach only the steps that run the whole U-Net)")

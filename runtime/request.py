@@ -108,7 +108,7 @@ def check_request(
         crop_region(mask, padding=config.only_masked_padding, aspect=(width, height))  # a mask with white in it
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
-    check_cache_interval(manifest, config.cache_interval)
+    check_cache_interval(manifest, config)
     if tokenizers is None:
         tokenizers = folder_tokenizers(root, manifest)
     for tokenizer in tokenizers.values():
@@ -181,7 +181,7 @@ def check_upscale(
     config = config.with_defaults(manifest.recommended)
     _check_clip_skip(manifest, config.clip_skip)
     check_conditioning_fields(manifest, config)
-    check_cache_interval(manifest, config.cache_interval)
+    check_cache_interval(manifest, config)
     for tokenizer in (tokenizers if tokenizers is not None else folder_tokenizers(root, manifest)).values():
         _check_prompts(tokenizer, config)
     # The U-Net runs one tile at a time: the estimate's size is a tile's (the decode's own tiles aside).
@@ -260,11 +260,20 @@ def _size(manifest: Manifest, config, image: Image.Image | None) -> tuple[int, i
     return height, width
 
 
-def check_cache_interval(manifest: Manifest, interval: int) -> None:
-    """Feature caching needs the folder's shallow U-Net graph."""
-    if interval > 1 and "unet_shallow" not in manifest.graphs:
+def check_cache_interval(manifest: Manifest, config) -> None:
+    """Feature caching needs the folder's shallow U-Net graph, and with LoRAs a float one: LoRAs reach it
+    through the U-Net's merged weights of the same initializer names (lora.Adapters.apply), which a
+    quantized graph renames."""
+    interval = config.cache_interval
+    if interval == 1:
+        return
+    if "unet_shallow" not in manifest.graphs:
         raise InputError("cache_interval", interval, "1: this folder has no unet_shallow graph, which feature caching "
-                         "runs between whole U-Net steps (`sdonnx export` writes one)")
+                         "runs between whole U-Net steps (`sdonnx export --feature-cache` writes one)")
+    precision = manifest.graphs["unet_shallow"].precision
+    if (config.loras or lora_tags(config.prompt)) and precision not in ("fp32", "fp16"):
+        raise InputError("cache_interval", interval, f"1 with LoRAs on this folder's {precision} shallow U-Net graph "
+                         "(LoRAs reach it in fp32 and fp16 folders; or bake them in with `sdonnx export --lora`)")
 
 
 def _check_clip_skip(manifest: Manifest, clip_skip: int) -> None:

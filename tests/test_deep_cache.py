@@ -5,7 +5,7 @@ the features entering its last up block's last layer. On cached steps the pipeli
 the deep_feature of the last full step. Asserted here: the split is exact (the shallow path on the
 same step's deep_feature is the U-Net's output, in PyTorch and in ONNX), interval 1 is the uncached
 image bit for bit, larger intervals run the full U-Net only every N steps and stay near the
-uncached image, and requests it cannot serve fail by name.
+uncached image, LoRAs reach the shallow graph, and requests it cannot serve fail by name.
 """
 
 from __future__ import annotations
@@ -145,13 +145,28 @@ def test_folder_without_shallow_graph_refuses_caching(folder, tiny_exports, opti
     assert image.size[0] > 0
 
 
-@pytest.mark.parametrize("settings", [{"loras": {"style": 0.8}}, {"prompt": PROMPT + " <lora:style:1>"}])
-def test_caching_refuses_loras(pipe, settings):
-    """The shallow graph has no LoRA weight map yet: a LoRA would reach half the steps."""
-    settings = {"prompt": PROMPT, **settings}
-    with pytest.raises(InputError, match="LoRA") as e:
-        pipe(steps=2, cache_interval=2, **settings)
-    assert e.value.field == "cache_interval"
+def test_loras_reach_the_shallow_graph(cached_export, tiny_sources, tmp_path):
+    """A LoRA applied at load changes the shallow graph's share of the U-Net's weights too: with caching,
+    the image is the one of an export with the LoRA baked in (which bakes it into both graphs)."""
+    import diffusers
+    import lora_files
+
+    from sdonnx.export import ExportConfig, export_model
+
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sources["sd1"], safety_checker=None)
+    lora = lora_files.write_kohya(tmp_path / "style.safetensors", reference, text=False, conv=True, scale=0.3)
+    baked_folder = tmp_path / "baked"
+    export_model(ExportConfig(source=str(tiny_sources["sd1"]), out=baked_folder, feature_cache=True, quiet=True,
+                              loras=((str(lora), 0.8),)))
+    baked = Pipeline.load(baked_folder, provider="cpu", progress=False)
+    pipe = Pipeline.load(cached_export, provider="cpu", progress=False)
+    settings = dict(steps=6, seed=4, cache_interval=2)
+    (applied,) = pipe(PROMPT, loras={str(lora): 0.8}, **settings)
+    (expected,) = baked(PROMPT, **settings)
+    (without,) = pipe(PROMPT, **settings)
+    delta = np.abs(np.asarray(applied, np.int16) - np.asarray(expected, np.int16))
+    assert delta.max() <= 2, delta.max()
+    assert np.abs(np.asarray(without, np.int16) - np.asarray(expected, np.int16)).mean() > 1
 
 
 def test_quantized_folder_keeps_the_shallow_graph(cached_export, tmp_path):
@@ -165,6 +180,9 @@ def test_quantized_folder_keeps_the_shallow_graph(cached_export, tmp_path):
     (plain,) = pipe(PROMPT, steps=4, seed=2)
     (cached,) = pipe(PROMPT, steps=4, seed=2, cache_interval=2)
     assert 15 < _psnr(plain, cached) < 100
+    with pytest.raises(InputError, match="int8 shallow") as e:  # LoRAs reach float shallow graphs only
+        pipe(PROMPT, steps=2, cache_interval=2, loras={"style": 1.0})
+    assert e.value.field == "cache_interval"
 
 
 def test_cli_cache_interval_round_trips_through_the_png(cached_export, tmp_path):
