@@ -76,14 +76,13 @@ def decode_tiled(vae_decoder: Session, vae_latents: np.ndarray, tile: int, facto
     height, width = vae_latents.shape[2:]
     pixels = weights = None
     for rows, cols, ramp in windows(height, width, tile, factor):
-        latent_rows, latent_cols = slice(rows.start // factor, rows.stop // factor), slice(cols.start // factor,
-                                                                                          cols.stop // factor)
-        part = _run_decoder(vae_decoder, vae_latents[:, :, latent_rows, latent_cols])
+        part = _run_decoder(vae_decoder, vae_latents[:, :, rows, cols])
         if pixels is None:
             pixels = np.zeros((*part.shape[:2], height * factor, width * factor), dtype=np.float32)
             weights = np.zeros((height * factor, width * factor), dtype=np.float32)
-        pixels[:, :, rows, cols] += part.astype(np.float32) * ramp
-        weights[rows, cols] += ramp
+        y, x = slice(rows.start * factor, rows.stop * factor), slice(cols.start * factor, cols.stop * factor)
+        pixels[:, :, y, x] += part.astype(np.float32) * ramp
+        weights[y, x] += ramp
     return pixels / weights
 
 

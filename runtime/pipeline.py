@@ -427,14 +427,9 @@ class Pipeline:
         request = check_upscale(self.manifest, self.model.root, self.model.options.memory, config, image, noise_level,
                                 tile, tokenizers=tokenizers, loaded=self.model.sessions.opened)
         request = replace(request, rows=rows)
-        config = request.config
-        seed = config.seed if config.seed is not None else secrets.randbelow(2**32)
-        watch = self._watcher(callback, previews)
-        images, first = [], 0
-        for count in request.runs:
-            part = None if latents is None else latents[first : first + count]
-            images += self._upscale(request, replace(config, batch=count), seed + first, part, watch)
-            first += count
+        config, watch = request.config, self._watcher(callback, previews)
+        images, seed = in_runs(config, request.runs, latents,
+                               lambda part, seed, noise: self._upscale(request, part, seed, noise, watch))
         for index, upscaled in enumerate(images):
             upscaled.info.update(seed=seed + index, batch_index=index, noise_level=request.noise_level)
         return self.safety.apply(images) if self.safety is not None else images
@@ -524,14 +519,9 @@ class Pipeline:
         if config.only_masked:
             return self._only_masked(config, image, mask, latents, callback, refiner, previews)
         request = self.check(self._with_refiner(config, refiner), image=image, mask=mask)
-        config = request.config
-        seed = config.seed if config.seed is not None else secrets.randbelow(2**32)  # short enough to retype
-        images, first = [], 0
-        for count in request.runs:
-            part = None if latents is None else latents[first : first + count]
-            images += self._run(request, replace(config, batch=count), seed + first, part,
-                                self._watcher(callback, previews), refiner)
-            first += count
+        watch = self._watcher(callback, previews)
+        images, seed = in_runs(request.config, request.runs, latents,
+                               lambda part, seed, noise: self._run(request, part, seed, noise, watch, refiner))
         hashes = {choice.path.stem: self.adapters.short_hash(choice.path) for choice in request.loras}
         nets = [(c.folder.name, c.manifest.files.get(c.manifest.graphs["controlnet"].path, "")[:8])
                 for c in request.controls]
@@ -785,6 +775,21 @@ class Pipeline:
                 latent = start.keep.final(latent)
             check_finite(latent, unet, "out_sample")
         return latent
+
+
+def in_runs(config: GenerationConfig, runs: tuple[int, ...], latents: np.ndarray | None,
+            run: Callable[[GenerationConfig, int, np.ndarray | None], list[Image.Image]]
+            ) -> tuple[list[Image.Image], int]:
+    """A request's images made run by run (`Request.runs`, what fits in memory), and its seed (config's, else
+    a random one short enough to retype): run(config for that many images, their first seed, their part
+    of the caller's `latents`) -> images, so image k still has seed + k."""
+    seed = config.seed if config.seed is not None else secrets.randbelow(2**32)
+    images, first = [], 0
+    for count in runs:
+        images += run(replace(config, batch=count), seed + first,
+                      None if latents is None else latents[first : first + count])
+        first += count
+    return images, seed
 
 
 def _open_verified(graph: Path, name: str, options: RuntimeOptions) -> Session:

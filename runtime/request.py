@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Collection, Mapping
 
@@ -160,10 +160,10 @@ def check_upscale(
     if manifest.upscaler is None:
         raise InputError("model", str(root), "an x4 upscaler folder (`sdonnx export` of a "
                          "StableDiffusionUpscalePipeline folder); this model draws from text: use generate")
-    defaults = type(config)(config.prompt)
+    defaults = {f.name: f.default for f in fields(config)}
     for name in _NOT_FOR_UPSCALE:
-        if getattr(config, name) != getattr(defaults, name):
-            raise InputError(name, getattr(config, name), f"{getattr(defaults, name)!r}: not used by an upscale "
+        if getattr(config, name) != defaults[name]:
+            raise InputError(name, getattr(config, name), f"{defaults[name]!r}: not used by an upscale "
                              "(the size is the image's x the VAE factor; no LoRA, ControlNet, hires pass or refiner)")
     if lora_tags(config.prompt):
         raise InputError("prompt", config.prompt, "no <lora:...> tags (an upscale takes no LoRA)")

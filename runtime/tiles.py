@@ -48,8 +48,8 @@ def ramp(length: int, rise: int, rising: bool, falling: bool) -> np.ndarray:
 
 
 def windows(height: int, width: int, tile: int, scale: int = 1) -> list[tuple[slice, slice, np.ndarray]]:
-    """(rows, cols, weights) of each tile covering height x width, the slices and the weights [rows, cols]
-    at `scale` times that resolution (the decoder's pixels for latent tiles)."""
+    """(rows, cols, weights) of each tile covering height x width: its slices, and its blend weights at
+    `scale` times that resolution, [rows * scale, cols * scale] (the decoder's pixels for latent tiles)."""
     check_tile(tile)
     overlap = tile // 4
     found = []
@@ -58,8 +58,7 @@ def windows(height: int, width: int, tile: int, scale: int = 1) -> list[tuple[sl
             rows, cols = min(tile, height), min(tile, width)
             weights = np.outer(ramp(rows * scale, overlap * scale, top > 0, top + rows < height),
                                ramp(cols * scale, overlap * scale, left > 0, left + cols < width))
-            found.append((slice(top * scale, (top + rows) * scale), slice(left * scale, (left + cols) * scale),
-                          weights))
+            found.append((slice(top, top + rows), slice(left, left + cols), weights))
     return found
 
 
