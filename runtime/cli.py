@@ -245,12 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
             raise InputError(name, str(getattr(args, name)), "an existing folder")
     config = check_before_load(root, facts, options.memory, config, init_image, mask, lora_dir=args.lora_dir,
                                control_dir=args.control_dir).config
-    for name in ("vae", "preview_vae"):  # their manifests against the model's latent space
-        if getattr(args, name) is not None:
-            try:
-                load_vae(getattr(args, name), facts, lambda graph, component: None)
-            except InputError as e:
-                raise InputError(name, e.received, e.expected) from None
+    _check_vaes(args, facts, ("vae", "preview_vae"))
     if args.refiner is not None:
         check_hires_mix(None, refiner=True, config=config)
         config = dataclasses.replace(config, refiner_switch=config.refiner_switch or REFINER_SWITCH)
@@ -272,15 +267,10 @@ def _generate(args: argparse.Namespace) -> int:
                            previews=args.preview is not None)
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
-    for image, path in zip(images, outputs):
-        size = image.info.get("generation_size", image.size)
-        parameters = format_parameters(config, seed=image.info["seed"], size=size, model=pipe.model,
-                                       refiner=refiner.model if refiner is not None else None,
-                                       lora_hashes=image.info.get("lora_hashes"),
-                                       controlnets=image.info.get("controlnets"), vae=image.info.get("vae"))
-        write_png(image, path, parameters)
-        if not args.quiet:
-            print(f"wrote {path}" + (" (black: the safety checker flagged it)" if image.info.get("nsfw") else ""))
+    _write_images(args, images, outputs, lambda image: format_parameters(
+        config, seed=image.info["seed"], size=image.info.get("generation_size", image.size), model=pipe.model,
+        refiner=refiner.model if refiner is not None else None, lora_hashes=image.info.get("lora_hashes"),
+        controlnets=image.info.get("controlnets"), vae=image.info.get("vae")))
     return 0
 
 
@@ -297,11 +287,7 @@ def _upscale(args: argparse.Namespace) -> int:
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise InputError("embeddings_dir", str(args.embeddings_dir), "an existing folder")
     config = check_upscale(facts, root, options.memory, config, image, args.noise_level, args.tile).config
-    if args.preview_vae is not None:
-        try:
-            load_vae(args.preview_vae, facts, lambda graph, component: None)
-        except InputError as e:
-            raise InputError("preview_vae", e.received, e.expected) from None
+    _check_vaes(args, facts, ("preview_vae",))
     pipe = Pipeline.load(root, options, progress=not args.quiet, embeddings_dir=args.embeddings_dir,
                          safety_checker=args.safety_checker, preview_vae=args.preview_vae)
     _say_safety(args, pipe)
@@ -309,13 +295,27 @@ def _upscale(args: argparse.Namespace) -> int:
                               callback=preview_writer(args), previews=args.preview is not None)
     if config.seed is None:
         print(f"seed: {images[0].info['seed']}")
-    for upscaled, path in zip(images, outputs):
-        parameters = format_parameters(config, seed=upscaled.info["seed"], size=upscaled.size, model=pipe.model,
-                                       noise_level=args.noise_level)
-        write_png(upscaled, path, parameters)
-        if not args.quiet:
-            print(f"wrote {path}" + (" (black: the safety checker flagged it)" if upscaled.info.get("nsfw") else ""))
+    _write_images(args, images, outputs, lambda image: format_parameters(
+        config, seed=image.info["seed"], size=image.size, model=pipe.model, noise_level=args.noise_level))
     return 0
+
+
+def _check_vaes(args: argparse.Namespace, facts, flags: tuple[str, ...]) -> None:
+    """Each VAE folder given among `flags`: its manifest against the model's latent space, before loading."""
+    for name in flags:
+        if getattr(args, name) is not None:
+            try:
+                load_vae(getattr(args, name), facts, lambda graph, component: None)
+            except InputError as e:
+                raise InputError(name, e.received, e.expected) from None
+
+
+def _write_images(args: argparse.Namespace, images, outputs, parameters_of) -> None:
+    """Each image to its PNG path with parameters_of(image) as its parameters text (atomically, write_png)."""
+    for image, path in zip(images, outputs):
+        write_png(image, path, parameters_of(image))
+        if not args.quiet:
+            print(f"wrote {path}" + (" (black: the safety checker flagged it)" if image.info.get("nsfw") else ""))
 
 
 def _check_preview(args: argparse.Namespace) -> None:
